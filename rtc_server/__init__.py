@@ -1,0 +1,1 @@
+"""Media sessions over WebRTC: microphone in, lip-synced video and audio out."""
