@@ -1,0 +1,141 @@
+"""The `lipsync` command: serve, render and manage weights.
+
+Argument parsing lives here and only here; each subcommand calls into the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+GENERATORS = ("wav2lip_gan.pth", "wav2lip.pth")
+DETECTOR = "s3fd-619a316812.pth"
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _box(text: str) -> tuple[int, int, int, int]:
+    try:
+        x1, y1, x2, y2 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected four integers: x1,y1,x2,y2") from None
+    if x2 <= x1 or y2 <= y1:
+        raise argparse.ArgumentTypeError("need x1 < x2 and y1 < y2")
+    return x1, y1, x2, y2
+
+
+def find_checkpoint(explicit: Path | None, cache: Path | None) -> Path | None:
+    """The checkpoint to use: the explicit one, else a verified generator in the cache."""
+    from wav2lip.weights import find_cached
+
+    if explicit is not None:
+        return explicit
+    for name in GENERATORS:
+        path = find_cached(name, cache)
+        if path is not None:
+            return path
+    return None
+
+
+def _render(args: argparse.Namespace) -> None:
+    from wav2lip.checkpoint import load_checkpoint
+    from wav2lip.engine import Engine
+    from wav2lip.faces import FaceBox
+    from wav2lip.render import render
+    from wav2lip.weights import find_cached
+
+    for label, path in (("photo", args.face), ("audio", args.audio)):
+        if not path.is_file():
+            raise UsageError(f"{label} not found: {path}")
+    checkpoint = find_checkpoint(args.checkpoint, args.cache)
+    if checkpoint is None:
+        raise UsageError(
+            "no Wav2Lip checkpoint: pass --checkpoint PATH or run `lipsync weights fetch`"
+        )
+    engine = Engine(load_checkpoint(checkpoint), device=args.device)
+    result = render(
+        args.face,
+        args.audio,
+        args.output,
+        engine,
+        box=FaceBox(*args.box) if args.box else None,
+        s3fd_path=find_cached(DETECTOR, args.cache),
+        blend=args.blend,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(f"wrote {result.path}: {result.frames} frames at 25 fps, face box {result.box}")
+
+
+def _weights_fetch(args: argparse.Namespace) -> None:
+    from wav2lip.weights import fetch
+
+    path = fetch(args.name, cache=args.cache, mirrors=args.mirror, progress=not args.quiet)
+    print(f"{args.name}: verified at {path}")
+
+
+def _weights_list(args: argparse.Namespace) -> None:
+    from wav2lip.weights import cache_dir, list_models
+
+    print(f"cache: {cache_dir(args.cache)}")
+    for model in list_models(args.cache):
+        print(f"{model.name:24} {model.size / 1e6:8.1f} MB  {model.state:9} {model.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cache_help = "weights cache folder (default: $LIPSYNC_CACHE or ~/.cache/lipsync)"
+
+    render = commands.add_parser("render", help="render a photo speaking an audio file to MP4")
+    render.add_argument("--face", type=Path, required=True, help="photo of a face")
+    render.add_argument("--audio", type=Path, required=True, help="any audio PyAV can decode")
+    render.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
+    render.add_argument("--checkpoint", type=Path, help="Wav2Lip weights (default: the cache)")
+    render.add_argument("--cache", type=Path, help=cache_help)
+    render.add_argument("--box", type=_box, help="face box x1,y1,x2,y2 (skips detection)")
+    render.add_argument("--blend", choices=("feather", "hard"), default="feather")
+    render.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    render.add_argument("--batch-size", type=int, default=16)
+    render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    render.set_defaults(run=_render)
+
+    weights = commands.add_parser("weights", help="download and list model weights")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_commands.add_parser("fetch", help="download and verify a known model")
+    fetch.add_argument("name", nargs="?", default=GENERATORS[0])
+    fetch.add_argument("--cache", type=Path, help=cache_help)
+    fetch.add_argument(
+        "--mirror", action="append", help="base URL to try first (repeatable; also $LIPSYNC_MIRRORS)"
+    )
+    fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fetch.set_defaults(run=_weights_fetch)
+    listing = weights_commands.add_parser("list", help="show known models and the cache")
+    listing.add_argument("--cache", type=Path, help=cache_help)
+    listing.set_defaults(run=_weights_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from wav2lip.checkpoint import CheckpointError
+    from wav2lip.faces import NoFaceError
+    from wav2lip.weights import WeightsError
+
+    try:
+        args.run(args)
+    except (UsageError, CheckpointError, NoFaceError, WeightsError, ValueError, OSError) as exc:
+        print(f"lipsync: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The engine computes what the plain official forward computes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from wav2lip.engine import Engine, fold_batchnorm, pick_device
+from wav2lip.model import Wav2Lip
+
+
+def test_fold_batchnorm_removes_every_batchnorm_and_keeps_outputs(wav2lip_model: Wav2Lip):
+    folded = fold_batchnorm(wav2lip_model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in wav2lip_model.modules())  # a copy
+    mel, faces = torch.randn(4, 1, 80, 16), torch.rand(4, 6, 96, 96)
+    with torch.no_grad():
+        expected = wav2lip_model(mel, faces)
+        got = folded(mel, faces)
+    assert (got - expected).abs().max() < 1e-4
+    # The random BatchNorm statistics make folding matter: merely dropping BatchNorm shows.
+    dropped = copy.deepcopy(wav2lip_model)
+    for module in dropped.modules():
+        if hasattr(module, "conv_block"):
+            module.conv_block[1] = nn.Identity()
+    with torch.no_grad():
+        assert (dropped(mel, faces) - expected).abs().max() > 0.05
+
+
+def test_engine_equals_plain_forward(wav2lip_model: Wav2Lip) -> None:
+    rng = np.random.default_rng(0)
+    face = rng.random((6, 96, 96), dtype=np.float32)
+    mels = rng.standard_normal((5, 80, 16)).astype(np.float32)
+    engine = Engine(wav2lip_model, device="cpu")
+    assert engine.dtype == torch.float32  # no half precision on the CPU
+    prepared = engine.prepare(face)
+    got = engine.infer(prepared, mels)
+    with torch.no_grad():
+        plain = wav2lip_model(
+            torch.from_numpy(mels[:, None]), torch.from_numpy(face[None]).expand(5, -1, -1, -1)
+        )
+    expected = (plain.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    assert got.shape == (5, 96, 96, 3) and got.dtype == np.uint8
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= 1  # truncation at a pixel boundary may flip by one
+    assert (diff > 0).mean() < 0.01
+    # Each window gets its own mouth: the batch is not one frame repeated.
+    assert np.abs(got[0].astype(int) - got[1].astype(int)).max() > 0
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert pick_device("auto").type == expected

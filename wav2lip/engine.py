@@ -1,0 +1,87 @@
+"""Batched Wav2Lip inference for still photos.
+
+A photo is prepared once: the face is found and cropped, and the face encoder's features are
+computed, since for a still photo they never change. Each frame then costs only the audio
+encoder and the decoder. BatchNorm is folded into the convolutions before any of this, which
+changes nothing but the arithmetic's rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from wav2lip.model import Wav2Lip
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` prefers CUDA, then Apple's MPS, then the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _fold(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm into the convolution before it, in place."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
+    shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
+    with torch.no_grad():
+        conv.weight.mul_(scale.reshape(shape))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+
+
+def fold_batchnorm(model: Wav2Lip) -> Wav2Lip:
+    """A copy of `model` with every conv+BatchNorm pair folded into one convolution."""
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        block = getattr(module, "conv_block", None)
+        if isinstance(block, nn.Sequential) and isinstance(block[1], nn.BatchNorm2d):
+            _fold(block[0], block[1])
+            block[1] = nn.Identity()
+    return folded
+
+
+@dataclass
+class PreparedFace:
+    """What the engine keeps per photo: the face features, computed once."""
+
+    features: list[torch.Tensor]
+
+
+class Engine:
+    """Renders 96x96 mouth crops from mel windows for prepared photos."""
+
+    name = "wav2lip"
+
+    def __init__(self, model: Wav2Lip, device: str = "auto", half: bool | None = None) -> None:
+        self.device = pick_device(device)
+        self.half = self.device.type == "cuda" if half is None else half
+        self.dtype = torch.float16 if self.half else torch.float32
+        self.model = fold_batchnorm(model).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def prepare(self, face_input: np.ndarray) -> PreparedFace:
+        """Encode the model input of a photo, (6, 96, 96) float in [0, 1], once."""
+        faces = torch.from_numpy(face_input[None]).to(self.device, self.dtype)
+        return PreparedFace(self.model.encode_face(faces))
+
+    @torch.inference_mode()
+    def infer(self, face: PreparedFace, mels: np.ndarray) -> np.ndarray:
+        """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR.
+
+        Pixels are truncated to uint8 as the official inference does.
+        """
+        mel = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32)[:, None])
+        out = self.model.decode(mel.to(self.device, self.dtype), face.features)
+        pixels = out.float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy()
+        return pixels.astype(np.uint8)
