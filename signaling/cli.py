@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", nargs="?", default=GENERATORS[0])
     fetch.add_argument("--cache", type=Path, help=cache_help)
     fetch.add_argument(
-        "--mirror", action="append", help="base URL to try first (repeatable; also $LIPSYNC_MIRRORS)"
+        "--mirror",
+        action="append",
+        help="base URL to try first (repeatable; also $LIPSYNC_MIRRORS)",
     )
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(run=_weights_fetch)

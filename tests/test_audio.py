@@ -14,9 +14,7 @@ from wav2lip.audio import MelStream, mel_window, mel_windows, melspectrogram
 def official_melspectrogram(wav: np.ndarray) -> np.ndarray:
     """The official audio.py, written with librosa and reflect padding as in librosa 0.7."""
     emphasised = scipy.signal.lfilter([1, -0.97], [1], wav)
-    stft = librosa.stft(
-        y=emphasised, n_fft=800, hop_length=200, win_length=800, pad_mode="reflect"
-    )
+    stft = librosa.stft(y=emphasised, n_fft=800, hop_length=200, win_length=800, pad_mode="reflect")
     mel_basis = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
     db = 20 * np.log10(np.maximum(1e-5, mel_basis @ np.abs(stft))) - 20
     return np.clip(8 * ((db + 100) / 100) - 4, -4, 4)
@@ -35,7 +33,9 @@ def test_reflect_not_zero_padding() -> None:
     """The first frames differ between reflect and zero padding; ours are reflect."""
     wav = np.random.default_rng(1).standard_normal(8000).astype(np.float32) * 0.3
     zero_padded = librosa.stft(
-        y=scipy.signal.lfilter([1, -0.97], [1], wav), n_fft=800, hop_length=200,
+        y=scipy.signal.lfilter([1, -0.97], [1], wav),
+        n_fft=800,
+        hop_length=200,
         pad_mode="constant",
     )
     ours = melspectrogram(wav)
@@ -79,7 +79,7 @@ def test_lookahead_is_what_the_last_window_needs() -> None:
         last_mel = int(frame * 80 / 25) + 15
         needs.append(last_mel * 200 + 400 - frame * 640)
     assert max(needs) == audio.LOOKAHEAD_SAMPLES == 3400
-    assert audio.LOOKAHEAD_SECONDS == pytest.approx(0.2125)
+    assert pytest.approx(0.2125) == audio.LOOKAHEAD_SECONDS
 
 
 def test_official_window_rule() -> None:

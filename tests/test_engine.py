@@ -51,6 +51,18 @@ def test_engine_equals_plain_forward(wav2lip_model: Wav2Lip) -> None:
     assert np.abs(got[0].astype(int) - got[1].astype(int)).max() > 0
 
 
+def test_engine_batches_several_photos(wav2lip_model: Wav2Lip) -> None:
+    rng = np.random.default_rng(1)
+    engine = Engine(wav2lip_model, device="cpu")
+    photos = [engine.prepare(rng.random((6, 96, 96), dtype=np.float32)) for _ in range(2)]
+    mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
+    mixed = engine.infer([photos[0], photos[1], photos[0]], mels)
+    for i, photo in enumerate([photos[0], photos[1], photos[0]]):
+        alone = engine.infer(photo, mels[i : i + 1])[0]
+        assert np.abs(mixed[i].astype(int) - alone.astype(int)).max() <= 1
+    assert np.abs(mixed[0].astype(int) - mixed[1].astype(int)).mean() > 1
+
+
 def test_pick_device() -> None:
     assert pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"

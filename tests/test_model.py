@@ -52,8 +52,11 @@ def _save_layouts(model: Wav2Lip, folder: Path) -> dict[str, Path]:
     extras = {"optimizer": _optimizer_state(model), "global_step": 2, "global_epoch": 3}
     save("training_dataparallel", {"state_dict": prefixed, **extras})
     save("training_plain", {"state_dict": state, **extras})
-    save("training_legacy_format", {"state_dict": prefixed, **extras},
-         _use_new_zipfile_serialization=False)
+    save(
+        "training_legacy_format",
+        {"state_dict": prefixed, **extras},
+        _use_new_zipfile_serialization=False,
+    )
     save("bare", state)
     traced = torch.jit.trace(model, (torch.randn(1, 1, 80, 16), torch.rand(1, 6, 96, 96)))
     paths["torchscript"] = folder / "Wav2Lip-SD-GAN.pt"
@@ -77,7 +80,7 @@ def test_every_layout_gives_identical_outputs(tmp_path: Path) -> None:
 def test_torchscript_file_needs_jit(tmp_path: Path) -> None:
     """The layout really is the one torch.load rejects, so the jit path is exercised."""
     path = _save_layouts(random_wav2lip(seed=2), tmp_path)["torchscript"]
-    with pytest.raises(Exception):  # noqa: B017, PT011 - torch raises various types here
+    with pytest.raises(Exception):  # noqa: B017 - torch raises various types here
         torch.load(path, weights_only=True)
     assert isinstance(load_checkpoint(path), Wav2Lip)
 

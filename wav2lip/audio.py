@@ -89,9 +89,9 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
 class MelStream:
     """Incremental `melspectrogram`: feed chunks of any size, get each mel frame once final.
 
-    Frame t is emitted as soon as t*200 + 400 samples have arrived (401 for frame 0); it equals the offline
-    result for every frame whose window lies inside the audio (the offline form reflects the
-    audio's end, which a stream cannot know).
+    Frame t is emitted as soon as t*200 + 400 samples have arrived (401 for frame 0); it
+    equals the offline result for every frame whose window lies inside the audio (the offline
+    form reflects the audio's end, which a stream cannot know).
     """
 
     def __init__(self) -> None:
@@ -105,9 +105,7 @@ class MelStream:
         """Add samples; return the newly final mel frames as (80, n), n possibly 0."""
         samples = np.asarray(samples, dtype=np.float64).ravel()
         if samples.size:
-            self._buffer = np.concatenate(
-                (self._buffer, _preemphasis(samples, self._last_sample))
-            )
+            self._buffer = np.concatenate((self._buffer, _preemphasis(samples, self._last_sample)))
             self._last_sample = float(samples[-1])
         if not self._padded:
             # The start's reflection needs samples 1..400; until then nothing is final.

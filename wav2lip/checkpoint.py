@@ -52,9 +52,7 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         ) from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in obj.values()
-    ):
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(
             f"{path}: expected a state dict of tensors or a training checkpoint with a "
             f"'state_dict' entry, found {type(obj).__name__}"

@@ -9,7 +9,9 @@ changes nothing but the arithmetic's rounding.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,6 +53,26 @@ def fold_batchnorm(model: Wav2Lip) -> Wav2Lip:
     return folded
 
 
+class MouthEngine(Protocol):
+    """What renders mouths: prepare a photo's model input once, then infer mel windows.
+
+    `Engine` (Wav2Lip) and the weight-free `Animator` both satisfy it, so the renderer and the
+    server never care which one they drive.
+    """
+
+    name: str
+
+    def prepare(self, face_input: np.ndarray) -> Any:
+        """Per-photo state from the (6, 96, 96) model input in [0, 1]."""
+
+    def infer(self, face: Any | Sequence[Any], mels: np.ndarray) -> np.ndarray:
+        """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR.
+
+        `face` is one photo's state for the whole batch, or a sequence of B states: the
+        scheduler batches frames of several sessions together.
+        """
+
+
 @dataclass
 class PreparedFace:
     """What the engine keeps per photo: the face features, computed once."""
@@ -76,12 +98,16 @@ class Engine:
         return PreparedFace(self.model.encode_face(faces))
 
     @torch.inference_mode()
-    def infer(self, face: PreparedFace, mels: np.ndarray) -> np.ndarray:
-        """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR.
-
-        Pixels are truncated to uint8 as the official inference does.
-        """
+    def infer(self, face: PreparedFace | Sequence[PreparedFace], mels: np.ndarray) -> np.ndarray:
+        """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR, for one photo or
+        one photo per window. Pixels are truncated to uint8 as the official inference does."""
+        if isinstance(face, PreparedFace):
+            features = face.features
+        elif all(f is face[0] for f in face):
+            features = face[0].features
+        else:
+            features = [torch.cat(level) for level in zip(*(f.features for f in face))]
         mel = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32)[:, None])
-        out = self.model.decode(mel.to(self.device, self.dtype), face.features)
+        out = self.model.decode(mel.to(self.device, self.dtype), features)
         pixels = out.float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy()
         return pixels.astype(np.uint8)

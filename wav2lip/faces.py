@@ -20,11 +20,12 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# dlib's box runs from the eyebrows to about the chin and from cheek to cheek; S3FD's runs from
-# the middle of the forehead to the chin and is a little wider. Grow dlib's box by these fractions
-# of its height (top, bottom) and width (left, right) to approximate S3FD's, with some margin
-# below so the chin, which Wav2Lip must see whole, is never cut off.
-DLIB_TO_S3FD = (0.20, 0.05, 0.05, 0.05)
+# dlib's box runs from the eyebrows to just above the chin (2-4% of its height above it on the
+# test photos) and from cheek to cheek; S3FD's runs from the upper forehead to the chin and is
+# a little wider. Grow dlib's box by these fractions of its height (top, bottom) and width (left,
+# right) to approximate S3FD's: the top then sits near the hairline, and the bottom clears the
+# chin, which Wav2Lip must see whole, before the official 10-pixel pad is added.
+DLIB_TO_S3FD = (0.20, 0.08, 0.05, 0.05)
 
 
 class NoFaceError(ValueError):
@@ -140,7 +141,6 @@ class S3FDDetector:
                 f"cannot load S3FD weights from {path} ({type(exc).__name__}: {exc}); "
                 "delete the file to download it again, or to detect faces with dlib instead"
             ) from exc
-        self.path, self.device = path, device
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         small, scale = _downscale(image, self.max_side)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -38,18 +39,18 @@ def _batches(windows: list[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield np.stack(windows[start : start + size])
 
 
-def _encode_audio(container: av.container.OutputContainer, samples: np.ndarray) -> None:
-    stream = container.add_stream("aac", rate=SAMPLE_RATE)
-    stream.layout = "mono"
-    fifo = av.AudioFifo()
-    frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
-    frame.sample_rate = SAMPLE_RATE
-    frame.pts = 0
-    fifo.write(frame)
-    frame_size = stream.codec_context.frame_size or 1024
-    while fifo.samples:
-        chunk = fifo.read(min(frame_size, fifo.samples))
-        container.mux(stream.encode(chunk))
+def _encode_audio(
+    container: av.container.OutputContainer, stream: av.AudioStream, samples: np.ndarray
+) -> None:
+    size = stream.codec_context.frame_size or 1024
+    for start in range(0, len(samples), size):
+        frame = av.AudioFrame.from_ndarray(
+            samples[None, start : start + size], format="flt", layout="mono"
+        )
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = start
+        frame.time_base = Fraction(1, SAMPLE_RATE)
+        container.mux(stream.encode(frame))
     container.mux(stream.encode(None))
 
 
@@ -79,6 +80,9 @@ def render(
         video.width, video.height = image.shape[1], image.shape[0]
         video.pix_fmt = "yuv420p"
         video.options = {"crf": "18", "preset": "veryfast"}
+        # Both streams exist before the first packet: the header is written then.
+        sound = container.add_stream("aac", rate=SAMPLE_RATE)
+        sound.layout = "mono"
         with tqdm(total=len(windows), unit="frame", disable=not progress) as bar:
             for batch in _batches(windows, batch_size):
                 for mouth in engine.infer(prepared, batch):
@@ -87,5 +91,5 @@ def render(
                     container.mux(video.encode(frame))
                 bar.update(len(batch))
         container.mux(video.encode(None))
-        _encode_audio(container, samples)
+        _encode_audio(container, sound, samples)
     return RenderResult(output, len(windows), face_box)

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import sys
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,7 +25,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from tqdm import tqdm
 
 State = Literal["verified", "missing", "partial", "corrupt"]

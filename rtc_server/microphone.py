@@ -1,0 +1,78 @@
+"""Draining the peer's microphone track onto the session timeline.
+
+aiortc decodes Opus to 48 kHz stereo; PyAV's resampler turns it into 16 kHz mono. Each frame is
+placed by its RTP timestamp (unwrapped), so lost packets leave silence and the audio keeps its
+true timing. The track is always drained, even when nobody needs its audio: aiortc never drops
+a frame, and an undrained track grows without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from fractions import Fraction
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
+
+log = logging.getLogger(__name__)
+
+_WRAP = 1 << 32  # RTP timestamps are 32-bit
+
+
+class Microphone:
+    """Reads a remote audio track until it ends, writing 16 kHz mono samples to a timeline."""
+
+    def __init__(
+        self,
+        track: MediaStreamTrack,
+        timeline: AudioTimeline,
+        session_time: Callable[[], float],
+        on_audio: Callable[[], None],
+    ) -> None:
+        self._track = track
+        self._timeline = timeline
+        self._session_time = session_time
+        self._on_audio = on_audio
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._first_pts: int | None = None
+        self._first_index = 0
+        self._last_pts = 0
+        self._unwrapped = 0
+        self.last_media = time.monotonic()
+        self.frames = 0
+
+    def _index(self, pts: int, time_base: Fraction) -> int:
+        """The session-timeline sample index of a frame with this RTP timestamp."""
+        if self._first_pts is None:
+            self._first_pts = self._last_pts = pts
+            self._first_index = max(0, round(self._session_time() * SAMPLE_RATE))
+        delta = (pts - self._last_pts) % _WRAP
+        if delta > _WRAP // 2:  # reordered: slightly in the past
+            delta -= _WRAP
+        self._last_pts = pts
+        self._unwrapped += delta
+        return self._first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
+
+    def _place(self, frame: av.AudioFrame) -> None:
+        start = self._index(frame.pts, frame.time_base) if frame.pts is not None else None
+        for out in self._resampler.resample(frame):
+            samples = out.to_ndarray()[0]
+            if start is None:
+                start = self._timeline.written_end
+            self._timeline.write(start, samples)
+            start += len(samples)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                frame = await self._track.recv()
+                self.last_media = time.monotonic()
+                self.frames += 1
+                self._place(frame)
+                self._on_audio()
+        except MediaStreamError:
+            log.debug("microphone track ended")

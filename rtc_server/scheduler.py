@@ -1,0 +1,144 @@
+"""One inference scheduler per device, shared by every session on it.
+
+Sessions submit frame jobs (a mel window and the time the frame is due on the wire). A single
+worker thread takes the ready jobs of all sessions, earliest due first, runs them as one batch
+through the engine, composites each mouth into its session's photo, and hands the finished
+frames back to the event loop. A job that could no longer finish before it is due is dropped
+instead of run: the session repeats its previous frame and counts the drop, so when the device
+is overloaded lag stays put and only the frame rate of new mouths falls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from wav2lip.engine import MouthEngine
+
+log = logging.getLogger(__name__)
+
+
+class FrameSink(Protocol):
+    """The session side of a job: its photo state, compositing, and delivery of results."""
+
+    face: Any
+    closed: bool
+
+    def compose(self, mouth: np.ndarray) -> Any:
+        """Paste a mouth into the photo (runs on the worker thread)."""
+
+    def deliver(self, index: int, frame: Any, infer_seconds: float) -> None:
+        """Receive a finished frame (runs on the event loop)."""
+
+    def drop(self, index: int) -> None:
+        """Learn that a frame will not be made (runs on the event loop)."""
+
+
+@dataclass(order=True)
+class FrameJob:
+    due: float  # time.monotonic() by which the frame must be on its way
+    seq: int
+    sink: FrameSink = field(compare=False)
+    index: int = field(compare=False)
+    mel: np.ndarray = field(compare=False)
+
+
+class InferenceScheduler:
+    """Batches the frames of all sessions on one device, earliest due first."""
+
+    def __init__(self, engine: MouthEngine, max_batch: int = 4) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._heap: list[FrameJob] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # Seconds per frame, inference and compositing together: decides what can still make it.
+        self.seconds_per_frame = 0.02
+        self.frames_done = 0
+        self.frames_dropped = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def submit(self, sink: FrameSink, index: int, mel: np.ndarray, due: float) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, FrameJob(due, next(self._seq), sink, index, mel))
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def _take_batch(self) -> tuple[list[FrameJob], list[FrameJob]]:
+        """Earliest-due jobs that can still finish in time, and those that cannot."""
+        batch: list[FrameJob] = []
+        late: list[FrameJob] = []
+        now = time.monotonic()
+        while self._heap and len(batch) < self.max_batch:
+            job = heapq.heappop(self._heap)
+            if job.sink.closed:
+                continue
+            if now + self.seconds_per_frame * (len(batch) + 1) > job.due:
+                late.append(job)
+            else:
+                batch.append(job)
+        return batch, late
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                batch, late = self._take_batch()
+            for job in late:
+                self.frames_dropped += 1
+                self._call(job.sink.drop, job.index)
+            if batch:
+                try:
+                    self._render(batch)
+                except Exception:
+                    log.exception("inference failed for a batch of %d frames", len(batch))
+                    for job in batch:
+                        self._call(job.sink.drop, job.index)
+
+    def _render(self, batch: Sequence[FrameJob]) -> None:
+        started = time.monotonic()
+        faces = [job.sink.face for job in batch]
+        mouths = self.engine.infer(faces, np.stack([job.mel for job in batch]))
+        infer_seconds = (time.monotonic() - started) / len(batch)
+        frames = [job.sink.compose(mouth) for job, mouth in zip(batch, mouths)]
+        per_frame = (time.monotonic() - started) / len(batch)
+        self.seconds_per_frame = 0.8 * self.seconds_per_frame + 0.2 * per_frame
+        self.frames_done += len(batch)
+        for job, frame in zip(batch, frames):
+            self._call(job.sink.deliver, job.index, frame, infer_seconds)
+
+    def _call(self, callback: Any, *args: Any) -> None:
+        assert self._loop is not None
+        # A closing loop raises: then nobody is waiting for the frame.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
