@@ -31,7 +31,7 @@ class Microphone:
         track: MediaStreamTrack,
         timeline: AudioTimeline,
         session_time: Callable[[], float],
-        on_audio: Callable[[], None],
+        on_audio: Callable[[int, float], None],
     ) -> None:
         self._track = track
         self._timeline = timeline
@@ -57,14 +57,16 @@ class Microphone:
         self._unwrapped += delta
         return self._first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
 
-    def _place(self, frame: av.AudioFrame) -> None:
+    def _place(self, frame: av.AudioFrame) -> int:
+        """Write the frame's samples; return the timeline index just past them."""
         start = self._index(frame.pts, frame.time_base) if frame.pts is not None else None
+        if start is None:
+            start = self._timeline.written_end
         for out in self._resampler.resample(frame):
             samples = out.to_ndarray()[0]
-            if start is None:
-                start = self._timeline.written_end
             self._timeline.write(start, samples)
             start += len(samples)
+        return start
 
     async def run(self) -> None:
         try:
@@ -72,7 +74,6 @@ class Microphone:
                 frame = await self._track.recv()
                 self.last_media = time.monotonic()
                 self.frames += 1
-                self._place(frame)
-                self._on_audio()
+                self._on_audio(self._place(frame), self.last_media)
         except MediaStreamError:
             log.debug("microphone track ended")

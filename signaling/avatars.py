@@ -26,10 +26,10 @@ import numpy as np
 from aiohttp import web
 from PIL import Image, ImageOps
 
-from signaling.cli import DETECTOR
 from signaling.config import CONFIG, ServerConfig
 from signaling.errors import ApiError
 from wav2lip.faces import FaceBox, NoFaceError, find_face, model_input
+from wav2lip.weights import DETECTOR, find_cached
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,6 @@ class AvatarStore:
     async def start(self) -> None:
         """Choose the face detector (S3FD if its weights are cached, else dlib) and prepare
         the default avatar, which also loads the detector before the first upload."""
-        from wav2lip.weights import find_cached
-
         loop = asyncio.get_running_loop()
         s3fd = await loop.run_in_executor(self._executor, find_cached, DETECTOR, self._config.cache)
         self._find = functools.partial(find_face, s3fd_path=s3fd)

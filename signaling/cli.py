@@ -10,9 +10,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-GENERATORS = ("wav2lip_gan.pth", "wav2lip.pth")
-DETECTOR = "s3fd-619a316812.pth"
-
 
 class UsageError(Exception):
     """A problem the user can fix; printed without a traceback."""
@@ -30,7 +27,7 @@ def _box(text: str) -> tuple[int, int, int, int]:
 
 def find_checkpoint(explicit: Path | None, cache: Path | None) -> Path | None:
     """The checkpoint to use: the explicit one, else a verified generator in the cache."""
-    from wav2lip.weights import find_cached
+    from wav2lip.weights import GENERATORS, find_cached
 
     if explicit is not None:
         return explicit
@@ -46,7 +43,7 @@ def _render(args: argparse.Namespace) -> None:
     from wav2lip.engine import Engine
     from wav2lip.faces import FaceBox
     from wav2lip.render import render
-    from wav2lip.weights import find_cached
+    from wav2lip.weights import DETECTOR, find_cached
 
     for label, path in (("photo", args.face), ("audio", args.audio)):
         if not path.is_file():
@@ -71,6 +68,44 @@ def _render(args: argparse.Namespace) -> None:
     print(f"wrote {result.path}: {result.frames} frames at 25 fps, face box {result.box}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from signaling.config import ServerConfig
+    from signaling.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    width, height = args.video_size
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_sessions=args.max_sessions,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        video_max_width=width,
+        video_max_height=height,
+        video_bitrate=args.video_bitrate,
+        ice_servers=tuple(args.ice_server or ()),
+        turn_secret=args.turn_secret,
+        turn_ttl=args.turn_ttl,
+        session_idle_timeout=args.idle_timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        offline=args.offline,
+        checkpoint=args.checkpoint,
+        cache=args.cache,
+        device=args.device,
+    )
+    serve(config, delay=args.delay)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected WIDTHxHEIGHT, e.g. 1280x720") from None
+    return width, height
+
+
 def _weights_fetch(args: argparse.Namespace) -> None:
     from wav2lip.weights import fetch
 
@@ -92,6 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache_help = "weights cache folder (default: $LIPSYNC_CACHE or ~/.cache/lipsync)"
 
+    serve = commands.add_parser("serve", help="run the real-time server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-sessions", type=int, default=4)
+    serve.add_argument("--checkpoint", type=Path, help="Wav2Lip weights (default: the cache)")
+    serve.add_argument("--cache", type=Path, help=cache_help)
+    serve.add_argument("--offline", action="store_true", help="never download weights at start")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    serve.add_argument(
+        "--video-size", type=_size, default=(1280, 720), help="largest video size (WxH)"
+    )
+    serve.add_argument("--video-bitrate", type=int, default=1_500_000, help="bits per second")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="photo size limit")
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="end a session after this many seconds without microphone media",
+    )
+    serve.add_argument(
+        "--delay", type=float, help="seconds from audio arrival to its frame (default: by engine)"
+    )
+    serve.add_argument(
+        "--ice-server",
+        action="append",
+        metavar="URL",
+        help="stun:, turn: or turns: URL (repeatable); aiortc itself uses only the first STUN "
+        "and the first TURN URL",
+    )
+    serve.add_argument("--turn-secret", help="coturn static-auth-secret for TURN credentials")
+    serve.add_argument("--turn-ttl", type=int, default=24 * 3600, help="TURN login lifetime (s)")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
+    serve.set_defaults(run=_serve)
+
     render = commands.add_parser("render", help="render a photo speaking an audio file to MP4")
     render.add_argument("--face", type=Path, required=True, help="photo of a face")
     render.add_argument("--audio", type=Path, required=True, help="any audio PyAV can decode")
@@ -108,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights = commands.add_parser("weights", help="download and list model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="download and verify a known model")
-    fetch.add_argument("name", nargs="?", default=GENERATORS[0])
+    fetch.add_argument("name", nargs="?", default="wav2lip_gan.pth")
     fetch.add_argument("--cache", type=Path, help=cache_help)
     fetch.add_argument(
         "--mirror",

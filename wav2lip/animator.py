@@ -8,13 +8,14 @@ the lips. Silence leaves the crop exactly as it is, so a quiet speaker shows the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import librosa
 import numpy as np
 
-from wav2lip.audio import MAX_ABS, MEL_STEP, MIN_LEVEL_DB, N_MELS, REF_LEVEL_DB
+from wav2lip.audio import MAX_ABS, MEL_STEP, MIN_LEVEL_DB, N_MELS
 
 SIZE = 96
 
@@ -74,8 +75,7 @@ def mouth_opening(mels: np.ndarray) -> np.ndarray:
         )
     # Undo the normalisation to dB of magnitude (-100 is silence), then average power.
     db = (mels[:, SPEECH_BANDS] + MAX_ABS) * (-MIN_LEVEL_DB / (2 * MAX_ABS)) + MIN_LEVEL_DB
-    power = np.power(10.0, (db + REF_LEVEL_DB) / 10.0).mean(axis=1)
-    level = 10.0 * np.log10(np.maximum(power, 1e-30)) - REF_LEVEL_DB
+    level = 10.0 * np.log10(np.power(10.0, db / 10.0).mean(axis=1))
     return _smoothstep(QUIET_DB, LOUD_DB, level) @ FRAME_WEIGHTS
 
 
@@ -137,8 +137,18 @@ class Animator:
             interior.astype(np.float32),
         )
 
-    def infer(self, face: AnimatedFace, mels: np.ndarray) -> np.ndarray:
-        """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR."""
+    def infer(self, face: AnimatedFace | Sequence[AnimatedFace], mels: np.ndarray) -> np.ndarray:
+        """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR, for one photo or
+        one photo per window (the scheduler batches several sessions)."""
+        if isinstance(face, AnimatedFace):
+            return self._animate(face, mels)
+        out = np.empty((len(mels), SIZE, SIZE, 3), np.uint8)
+        for photo in {id(f): f for f in face}.values():
+            rows = [i for i, f in enumerate(face) if f is photo]
+            out[rows] = self._animate(photo, mels[rows])
+        return out
+
+    def _animate(self, face: AnimatedFace, mels: np.ndarray) -> np.ndarray:
         drops = (DROP * mouth_opening(mels)).astype(np.float32)
         out = np.repeat(face.crop[None], len(drops), axis=0)
         moving = np.flatnonzero(drops > 0)

@@ -32,6 +32,9 @@ State = Literal["verified", "missing", "partial", "corrupt"]
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 USER_AGENT = "lipsync-weights/0.1"
+# The generators, preferred first, and the face detector, by their file names in models.toml.
+GENERATORS = ("wav2lip_gan.pth", "wav2lip.pth")
+DETECTOR = "s3fd-619a316812.pth"
 
 
 class WeightsError(Exception):

@@ -1,0 +1,156 @@
+"""Creating, tracking and ending media sessions; one inference scheduler for all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaBlackhole
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+from rtc_server.scheduler import InferenceScheduler
+from rtc_server.session import Photo, Session, SessionOptions
+from wav2lip.engine import MouthEngine
+
+log = logging.getLogger(__name__)
+
+
+class SessionsFull(Exception):
+    """At the session limit; try again later."""
+
+
+class BadOffer(ValueError):
+    """The offer cannot start a session; the message says why."""
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    max_sessions: int = 4
+    delay: float = 0.35
+    idle_timeout: float = 30.0
+    bitrate: int = 1_500_000
+    max_batch: int = 4
+
+
+def _accepts_audio(sdp: str) -> bool:
+    """Whether the peer accepts the returned audio; checks it sends audio and receives video."""
+    try:
+        description = SessionDescription.parse(sdp)
+    except (ValueError, IndexError, KeyError) as exc:
+        raise BadOffer(f"malformed SDP: {exc}") from exc
+    audio = [m for m in description.media if m.kind == "audio"]
+    video = [m for m in description.media if m.kind == "video"]
+    if not audio or audio[0].direction not in ("sendrecv", "sendonly"):
+        raise BadOffer("the offer must send an audio track (the microphone)")
+    if not video or video[0].direction not in ("sendrecv", "recvonly"):
+        raise BadOffer("the offer must receive a video track (add a recvonly video transceiver)")
+    return audio[0].direction == "sendrecv"
+
+
+class SessionManager:
+    def __init__(
+        self,
+        engine: MouthEngine,
+        options: ManagerOptions,
+        rtc_configuration: Callable[[], RTCConfiguration],
+    ) -> None:
+        self.engine = engine
+        self.options = options
+        self.scheduler = InferenceScheduler(engine, options.max_batch)
+        self._rtc_configuration = rtc_configuration
+        self.sessions: dict[str, Session] = {}
+        self._sinks: dict[str, MediaBlackhole] = {}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    async def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
+        await asyncio.to_thread(self.scheduler.stop)
+
+    async def create(self, sdp: str, kind: str, photo: Photo) -> tuple[Session, str]:
+        """Answer an offer: returns the new session and the answer's SDP."""
+        if kind != "offer":
+            raise BadOffer(f'"type" must be "offer", got {kind!r}')
+        if len(self.sessions) >= self.options.max_sessions:
+            raise SessionsFull(f"all {self.options.max_sessions} sessions are in use")
+        send_audio = _accepts_audio(sdp)
+        face = await asyncio.to_thread(self.engine.prepare, photo.face_input)
+        pc = RTCPeerConnection(self._rtc_configuration())
+        session = Session(
+            uuid.uuid4().hex,
+            pc,
+            photo,
+            face,
+            self.scheduler,
+            SessionOptions(
+                delay=self.options.delay,
+                idle_timeout=self.options.idle_timeout,
+                bitrate=self.options.bitrate,
+                send_audio=send_audio,
+            ),
+            self._forget,
+        )
+        self.sessions[session.id] = session
+        try:
+            answer = await self._negotiate(pc, session, sdp)
+        except Exception:
+            await session.close()
+            raise
+        log.info("session %s started (%d live)", session.id, len(self.sessions))
+        return session, answer
+
+    async def _negotiate(self, pc: RTCPeerConnection, session: Session, sdp: str) -> str:
+        sink = MediaBlackhole()  # drains any track we do not use (a camera, say)
+        self._sinks[session.id] = sink
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and session._microphone is None:
+                session.attach_microphone(track)
+            else:
+                sink.addTrack(track)
+
+        @pc.on("datachannel")
+        def on_datachannel(channel) -> None:
+            if channel.label == "events":
+                session.attach_events(channel)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await session.close()
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except (ValueError, AssertionError) as exc:
+            raise BadOffer(f"the offer could not be applied: {exc}") from exc
+        video_sender = pc.addTrack(session.video_track)
+        if session.audio_track is not None:
+            pc.addTrack(session.audio_track)
+        await sink.start()
+        await pc.setLocalDescription(await pc.createAnswer())
+        session.start(video_sender)
+        return pc.localDescription.sdp
+
+    async def close(self, session_id: str) -> bool:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        await session.close()
+        return True
+
+    async def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        sink = self._sinks.pop(session.id, None)
+        if sink is not None:
+            await sink.stop()
+        log.info("session %s ended (%d live)", session.id, len(self.sessions))

@@ -1,0 +1,330 @@
+"""One media session: a microphone in, a lip-synced video track and the audio back out.
+
+The data's path: the `Microphone` places 16 kHz samples on the session's `AudioTimeline`; the
+producer reads them in order into a `MelStream`, and as soon as a video frame's mel window is
+complete (or its audio is overdue, which then counts as silence) submits the frame to the
+shared `InferenceScheduler` with the time it is due; the scheduler's thread infers and pastes
+the mouth; the `LipSyncVideoTrack` sends each frame when due, repeating the previous one if
+its own did not arrive in time; the `ReturnedAudioTrack` sends the same audio on the same clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender
+from aiortc.mediastreams import MediaStreamTrack
+
+from rtc_server.clock import VIDEO_FRAME_SECONDS, SessionClock
+from rtc_server.microphone import Microphone
+from rtc_server.scheduler import InferenceScheduler
+from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
+from rtc_server.tracks import LipSyncVideoTrack, ReturnedAudioTrack
+from wav2lip.audio import HOP, MEL_PER_VIDEO_FRAME, MEL_STEP, N_FFT, MelStream
+from wav2lip.blend import Blender
+from wav2lip.faces import FaceBox
+
+log = logging.getLogger(__name__)
+
+# Audio later than this (beyond when it should have arrived) is taken as silence.
+JITTER_SECONDS = 0.06
+SPEECH_RMS = 0.01  # about -40 dBFS
+SPEECH_HANGOVER = 0.4  # seconds of quiet before speaking counts as stopped
+
+
+def samples_needed(frame: int) -> int:
+    """Samples of audio video frame `frame` needs before its mel window is final."""
+    last_mel = int(frame * MEL_PER_VIDEO_FRAME) + MEL_STEP - 1
+    return last_mel * HOP + N_FFT // 2
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    delay: float  # seconds from a sound's arrival to the frame that shows it going out
+    idle_timeout: float  # seconds without microphone media before the session ends
+    bitrate: int  # initial video bitrate, bits per second
+    send_audio: bool  # whether the peer accepts the returned audio
+
+
+@dataclass(frozen=True)
+class Photo:
+    """What a session shows: the video-sized photo, its face box and the model input."""
+
+    image: np.ndarray
+    box: FaceBox
+    face_input: np.ndarray
+
+
+class Session:
+    """Owns everything one peer uses; `close` frees all of it."""
+
+    def __init__(
+        self,
+        session_id: str,
+        pc: RTCPeerConnection,
+        photo: Photo,
+        face: Any,
+        scheduler: InferenceScheduler,
+        options: SessionOptions,
+        on_closed: Callable[[Session], Awaitable[None]],
+    ) -> None:
+        self.id = session_id
+        self.pc = pc
+        self.options = options
+        self.clock = SessionClock(options.delay)
+        self.face = face
+        self.closed = False
+        self._photo = photo
+        self._scheduler = scheduler
+        self._on_closed = on_closed
+        self._blender = Blender(photo.box, photo.image.shape)
+        readers = ("mel", "out") if options.send_audio else ("mel",)
+        self._timeline = AudioTimeline(readers)
+        self._mel_stream = MelStream()
+        self._mel = np.zeros((80, 0), dtype=np.float32)
+        self._mel_base = 0  # mel frame index of self._mel[:, 0]
+        self._next_frame = 0  # next video frame to submit
+        self._ready: dict[int, av.VideoFrame] = {}
+        self._sent_upto = 0  # frames below this were sent already; late results are dropped
+        self._last_frame = self._to_video_frame(photo.image)
+        self._audio_event = asyncio.Event()
+        self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, arrival time)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._microphone: Microphone | None = None
+        self._events: RTCDataChannel | None = None
+        self._video_sender: RTCRtpSender | None = None
+        self._bitrate_set = False
+        self._closing: asyncio.Task[None] | None = None
+        self._speaking = False
+        self._quiet_since = 0.0
+        self.video_track = LipSyncVideoTrack(self.clock, self)
+        self.audio_track = ReturnedAudioTrack(self.clock, self) if options.send_audio else None
+        # Counters: totals, and the last second's window for the stats message.
+        self.delivered = 0
+        self.generated = 0
+        self.repeated = 0
+        self.dropped = 0
+        self._lags: deque[float] = deque(maxlen=100)
+        self._infer_ms: deque[float] = deque(maxlen=100)
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def start(self, video_sender: RTCRtpSender) -> None:
+        self._video_sender = video_sender
+        self._tasks += [
+            asyncio.create_task(self._produce(), name=f"produce-{self.id}"),
+            asyncio.create_task(self._report(), name=f"report-{self.id}"),
+            asyncio.create_task(self._watch_idle(), name=f"idle-{self.id}"),
+        ]
+
+    def attach_microphone(self, track: MediaStreamTrack) -> None:
+        self._microphone = Microphone(track, self._timeline, self.clock.now, self._on_audio)
+        self._tasks.append(asyncio.create_task(self._microphone.run(), name=f"mic-{self.id}"))
+
+    def attach_events(self, channel: RTCDataChannel) -> None:
+        self._events = channel
+
+    def _on_audio(self, end: int, arrival: float) -> None:
+        self._arrivals.append((end, arrival))
+        self._audio_event.set()
+
+    # -- producing frames -----------------------------------------------------------------
+
+    async def _produce(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._audio_event.wait(), VIDEO_FRAME_SECONDS / 2)
+            self._audio_event.clear()
+            self._advance()
+
+    def _advance(self) -> None:
+        """Read new audio into mel frames and submit every frame whose window is complete."""
+        now = self.clock.now()
+        end = self._timeline.written_end
+        # Frames whose audio is overdue go ahead with silence: a stalled or muted microphone
+        # still yields 25 fps of resting mouth.
+        overdue = self._next_frame
+        while samples_needed(overdue) / SAMPLE_RATE + JITTER_SECONDS <= now:
+            overdue += 1
+        if overdue > self._next_frame:
+            end = max(end, samples_needed(overdue - 1))
+        if end > self._timeline.position("mel"):
+            samples = self._timeline.read("mel", end)
+            self._track_speaking(samples)
+            self._mel = np.concatenate((self._mel, self._mel_stream.push(samples)), axis=1)
+        self._submit_ready()
+
+    def _submit_ready(self) -> None:
+        available = self._mel_base + self._mel.shape[1]
+        frame = self._next_frame
+        while int(frame * MEL_PER_VIDEO_FRAME) + MEL_STEP <= available:
+            start = int(frame * MEL_PER_VIDEO_FRAME) - self._mel_base
+            due = self.clock.due(frame * VIDEO_FRAME_SECONDS)
+            if due > time.monotonic():
+                window = self._mel[:, start : start + MEL_STEP].copy()
+                self._scheduler.submit(self, frame, window, due)
+            else:
+                self.dropped += 1
+            frame += 1
+        self._next_frame = frame
+        keep = int(frame * MEL_PER_VIDEO_FRAME) - self._mel_base
+        if keep > 0:
+            self._mel = self._mel[:, keep:]
+            self._mel_base += keep
+
+    def _track_speaking(self, samples: np.ndarray) -> None:
+        if len(samples) == 0:
+            return
+        loud = float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
+        now = self.clock.now()
+        if loud:
+            self._quiet_since = now
+            if not self._speaking:
+                self._speaking = True
+                self._send({"type": "speaking", "speaking": True, "at_ms": round(now * 1000)})
+        elif self._speaking and now - self._quiet_since > SPEECH_HANGOVER:
+            self._speaking = False
+            self._send({"type": "speaking", "speaking": False, "at_ms": round(now * 1000)})
+
+    # -- called by the scheduler (FrameSink) ---------------------------------------------
+
+    def compose(self, mouth: np.ndarray) -> av.VideoFrame:
+        """Paste the mouth into the photo; runs on the scheduler's thread."""
+        return self._to_video_frame(self._blender.paste(self._photo.image, mouth))
+
+    def deliver(self, index: int, frame: av.VideoFrame, infer_seconds: float) -> None:
+        self.generated += 1
+        self._infer_ms.append(infer_seconds * 1000)
+        if index >= self._sent_upto:
+            self._ready[index] = frame
+
+    def drop(self, index: int) -> None:
+        self.dropped += 1
+
+    @staticmethod
+    def _to_video_frame(image: np.ndarray) -> av.VideoFrame:
+        # Converted here, off the event loop, so the encoder gets what it encodes.
+        return av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+
+    # -- called by the tracks -------------------------------------------------------------
+
+    def frame_for(self, index: int, sent_at: float) -> av.VideoFrame:
+        frame = self._ready.pop(index, None)
+        for stale in [k for k in self._ready if k < index]:
+            del self._ready[stale]
+        self._sent_upto = index + 1
+        if frame is None:
+            self.repeated += 1
+            frame = self._last_frame
+        else:
+            self._last_frame = frame
+        self.delivered += 1
+        self._lags.append(sent_at - self._arrival_of(index * SAMPLE_RATE // 25))
+        self._apply_bitrate()
+        return frame
+
+    def audio_for(self, start: int, count: int) -> np.ndarray:
+        if self._timeline.position("out") < start:
+            self._timeline.read("out", start)  # skipped ahead: discard what was missed
+        return self._timeline.read("out", start + count)
+
+    def _arrival_of(self, sample: int) -> float:
+        """When the audio at `sample` arrived, or when it was due if it never did."""
+        while self._arrivals and self._arrivals[0][0] <= sample:
+            self._arrivals.popleft()
+        nominal = self.clock.origin + sample / SAMPLE_RATE
+        if self._arrivals and self._arrivals[0][0] - sample < SAMPLE_RATE // 10:
+            return self._arrivals[0][1]
+        return nominal
+
+    def _apply_bitrate(self) -> None:
+        """Set the encoder's starting bitrate once aiortc has made the encoder.
+
+        aiortc exposes no API for it and clamps it to the codec's range (VP8 0.25-1.5 Mbit/s,
+        H.264 0.5-3 Mbit/s); later the receiver's REMB estimate steers it.
+        """
+        if self._bitrate_set or self._video_sender is None:
+            return
+        encoder = getattr(self._video_sender, "_RTCRtpSender__encoder", None)
+        if encoder is not None and hasattr(encoder, "target_bitrate"):
+            encoder.target_bitrate = self.options.bitrate
+            self._bitrate_set = True
+
+    # -- reporting and lifetime -----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        lags = sorted(self._lags)
+        return {
+            "delivered": self.delivered,
+            "generated": self.generated,
+            "repeated": self.repeated,
+            "dropped": self.dropped,
+            "lag_ms": round(lags[len(lags) // 2] * 1000) if lags else None,
+            "inference_ms": round(float(np.mean(self._infer_ms)), 1) if self._infer_ms else None,
+            "speaking": self._speaking,
+        }
+
+    def _send(self, message: dict[str, Any]) -> None:
+        channel = self._events
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(message))
+
+    async def _report(self) -> None:
+        """A stats message each second on the `events` channel."""
+        previous = self.stats()
+        while True:
+            await asyncio.sleep(1.0)
+            current = self.stats()
+            self._send(
+                {
+                    "type": "stats",
+                    "delivered_fps": current["delivered"] - previous["delivered"],
+                    "generated_fps": current["generated"] - previous["generated"],
+                    "dropped": current["repeated"],
+                    "lag_ms": current["lag_ms"],
+                    "inference_ms": current["inference_ms"],
+                    "engine": self._scheduler.engine.name,
+                }
+            )
+            previous = current
+
+    async def _watch_idle(self) -> None:
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            last = self._microphone.last_media if self._microphone else started
+            if time.monotonic() - last > self.options.idle_timeout:
+                log.info(
+                    "session %s: no media for %.0f s, closing", self.id, time.monotonic() - last
+                )
+                self._closing = asyncio.create_task(self.close())
+                return
+
+    async def close(self) -> None:
+        """Free everything: tasks, pending frames, tracks, the peer connection. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        self._tasks.clear()
+        self._ready.clear()
+        self.video_track.stop()
+        if self.audio_track is not None:
+            self.audio_track.stop()
+        await self.pc.close()
+        self.face = None
+        await self._on_closed(self)

@@ -1,0 +1,96 @@
+"""The outgoing tracks: lip-synced video at 25 fps and the returned audio in 20 ms frames.
+
+Both are paced by the session clock, not by aiortc: `recv` sleeps until its frame is due, and a
+track that finds itself behind (a slow start, a stalled loop) skips ahead to the present
+instead of sending old frames late, so lag can never build up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from fractions import Fraction
+from typing import Protocol
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamTrack
+
+from rtc_server.clock import AUDIO_FRAME_SECONDS, VIDEO_FRAME_SECONDS, SessionClock
+
+VIDEO_CLOCK_RATE = 90_000
+VIDEO_PTS_STEP = VIDEO_CLOCK_RATE // 25  # 3600
+AUDIO_RATE = 16_000
+AUDIO_FRAME_SAMPLES = AUDIO_RATE // 50  # 320
+# How far behind schedule a track may fall before it skips ahead to the present.
+MAX_BEHIND = 0.1
+
+
+class FrameSource(Protocol):
+    def frame_for(self, index: int, sent_at: float) -> av.VideoFrame:
+        """The picture for frame `index`: rendered, or the previous one repeated."""
+
+
+class AudioSource(Protocol):
+    def audio_for(self, start: int, count: int) -> np.ndarray:
+        """`count` samples of the returned audio from sample `start` (16 kHz mono float)."""
+
+
+async def _wait_until(due: float) -> None:
+    delay = due - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _catch_up(clock: SessionClock, index: int, period: float) -> int:
+    """The index to send now: `index`, or the present one if we are too far behind."""
+    behind = time.monotonic() - clock.due(index * period)
+    if behind > MAX_BEHIND:
+        return index + math.floor(behind / period)
+    return index
+
+
+class LipSyncVideoTrack(MediaStreamTrack):
+    kind = "video"
+
+    def __init__(self, clock: SessionClock, source: FrameSource) -> None:
+        super().__init__()
+        self._clock = clock
+        self._source = source
+        self._index = 0
+        self.sent = 0
+
+    async def recv(self) -> av.VideoFrame:
+        index = _catch_up(self._clock, self._index, VIDEO_FRAME_SECONDS)
+        await _wait_until(self._clock.due(index * VIDEO_FRAME_SECONDS))
+        frame = self._source.frame_for(index, time.monotonic())
+        frame.pts = index * VIDEO_PTS_STEP
+        frame.time_base = Fraction(1, VIDEO_CLOCK_RATE)
+        self._index = index + 1
+        self.sent += 1
+        return frame
+
+
+class ReturnedAudioTrack(MediaStreamTrack):
+    """The microphone's audio sent back, delayed exactly as much as the video."""
+
+    kind = "audio"
+
+    def __init__(self, clock: SessionClock, source: AudioSource) -> None:
+        super().__init__()
+        self._clock = clock
+        self._source = source
+        self._index = 0
+
+    async def recv(self) -> av.AudioFrame:
+        index = _catch_up(self._clock, self._index, AUDIO_FRAME_SECONDS)
+        await _wait_until(self._clock.due(index * AUDIO_FRAME_SECONDS))
+        samples = self._source.audio_for(index * AUDIO_FRAME_SAMPLES, AUDIO_FRAME_SAMPLES)
+        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)[None, :]
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = index * AUDIO_FRAME_SAMPLES
+        frame.time_base = Fraction(1, AUDIO_RATE)
+        self._index = index + 1
+        return frame

@@ -1,0 +1,96 @@
+"""Putting the server together: pick the engine, make the session manager, build the app."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+from aiohttp import web
+
+from rtc_server.manager import ManagerOptions, SessionManager
+from signaling.app import create_app
+from signaling.config import ServerConfig
+from signaling.ice import rtc_configuration
+from signaling.sessions import install
+from signaling.sessions import routes as session_routes
+from wav2lip.animator import Animator
+from wav2lip.audio import LOOKAHEAD_SECONDS
+from wav2lip.checkpoint import load_checkpoint
+from wav2lip.engine import Engine, MouthEngine
+from wav2lip.weights import GENERATORS, WeightsError, fetch, find_cached
+
+log = logging.getLogger(__name__)
+
+# Beyond the audio a frame needs, the delay covers network jitter and the render itself.
+JITTER_SECONDS = 0.06
+RENDER_BUDGET = {"animator": 0.06, "wav2lip-cuda": 0.08, "wav2lip": 0.25}
+
+
+def load_engine(config: ServerConfig) -> MouthEngine:
+    """Wav2Lip when weights can be had (explicit, cached, or fetched unless offline); the
+    built-in animator otherwise, which needs no weights and says so in /api/health."""
+    checkpoint = config.checkpoint
+    if checkpoint is None:
+        checkpoint = next(
+            (p for p in (find_cached(n, config.cache) for n in GENERATORS) if p), None
+        )
+    if checkpoint is None and not config.offline:
+        try:
+            checkpoint = fetch(GENERATORS[0], cache=config.cache)
+        except WeightsError as exc:
+            log.warning("could not fetch Wav2Lip weights (%s)", exc)
+    if checkpoint is None:
+        log.warning(
+            "no Wav2Lip weights: running the built-in animator, which warps the photo's mouth "
+            "with the loudness of speech; run `lipsync weights fetch` for real lip-sync"
+        )
+        return Animator()
+    log.info("Wav2Lip weights: %s", checkpoint)
+    return Engine(load_checkpoint(checkpoint), device=config.device)
+
+
+def default_delay(engine: MouthEngine) -> float:
+    """Seconds from a sound's arrival to the frame that shows it leaving the server."""
+    key = engine.name
+    if isinstance(engine, Engine) and engine.device.type == "cuda":
+        key = "wav2lip-cuda"
+    return LOOKAHEAD_SECONDS + JITTER_SECONDS + RENDER_BUDGET[key]
+
+
+def build_app(
+    config: ServerConfig, engine: MouthEngine | None = None, delay: float | None = None
+) -> web.Application:
+    engine = engine if engine is not None else load_engine(config)
+    on_gpu = isinstance(engine, Engine) and engine.device.type != "cpu"
+    manager = SessionManager(
+        engine,
+        ManagerOptions(
+            max_sessions=config.max_sessions,
+            delay=delay if delay is not None else default_delay(engine),
+            idle_timeout=config.session_idle_timeout,
+            bitrate=config.video_bitrate,
+            max_batch=16 if on_gpu else 4,
+        ),
+        lambda: rtc_configuration(config),
+    )
+    app = create_app(
+        config,
+        engine_name=engine.name,
+        session_count=lambda: len(manager),
+        session_routes=session_routes,
+    )
+    install(app, manager)
+    return app
+
+
+def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def serve(config: ServerConfig, delay: float | None = None) -> None:
+    app = build_app(config, delay=delay)
+    web.run_app(app, host=config.host, port=config.port, ssl_context=ssl_context(config))
