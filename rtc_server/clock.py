@@ -7,6 +7,7 @@ t + delay: the same fixed delay for both tracks, so they stay in sync by constru
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 VIDEO_FRAME_SECONDS = 1 / 25
@@ -14,9 +15,18 @@ AUDIO_FRAME_SECONDS = 1 / 50
 
 
 class SessionClock:
+    """Starts when media starts flowing (the connection is up), not when the offer came:
+    ICE and DTLS take a while, and frames due before then could only be skipped."""
+
     def __init__(self, delay: float) -> None:
         self.origin = time.monotonic()
         self.delay = delay
+        self.started = asyncio.Event()
+
+    def start(self) -> None:
+        if not self.started.is_set():
+            self.origin = time.monotonic()
+            self.started.set()
 
     def now(self) -> float:
         """Seconds since the session started."""

@@ -126,7 +126,9 @@ class SessionManager:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected" and not session.closed:
+                session.start(video_sender)
+            elif pc.connectionState in ("failed", "closed"):
                 await session.close()
 
         try:
@@ -138,7 +140,7 @@ class SessionManager:
             pc.addTrack(session.audio_track)
         await sink.start()
         await pc.setLocalDescription(await pc.createAnswer())
-        session.start(video_sender)
+        session.watch()
         return pc.localDescription.sdp
 
     async def close(self, session_id: str) -> bool:

@@ -119,20 +119,31 @@ class Session:
 
     # -- wiring ---------------------------------------------------------------------------
 
+    def watch(self) -> None:
+        """End the session if no media comes, even if the connection never comes up."""
+        self._tasks.append(asyncio.create_task(self._watch_idle(), name=f"idle-{self.id}"))
+
     def start(self, video_sender: RTCRtpSender) -> None:
+        """Begin once the connection is up: the clock, frame production and stats."""
+        if self.clock.started.is_set():
+            return
+        self.clock.start()
         self._video_sender = video_sender
         self._tasks += [
             asyncio.create_task(self._produce(), name=f"produce-{self.id}"),
             asyncio.create_task(self._report(), name=f"report-{self.id}"),
-            asyncio.create_task(self._watch_idle(), name=f"idle-{self.id}"),
         ]
 
     def attach_microphone(self, track: MediaStreamTrack) -> None:
-        self._microphone = Microphone(track, self._timeline, self.clock.now, self._on_audio)
+        self._microphone = Microphone(track, self._timeline, self._audio_time, self._on_audio)
         self._tasks.append(asyncio.create_task(self._microphone.run(), name=f"mic-{self.id}"))
 
     def attach_events(self, channel: RTCDataChannel) -> None:
         self._events = channel
+
+    def _audio_time(self) -> float:
+        """Where arriving audio goes: audio before the clock starts is placed at its start."""
+        return self.clock.now() if self.clock.started.is_set() else 0.0
 
     def _on_audio(self, end: int, arrival: float) -> None:
         self._arrivals.append((end, arrival))

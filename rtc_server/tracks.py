@@ -62,6 +62,7 @@ class LipSyncVideoTrack(MediaStreamTrack):
         self.sent = 0
 
     async def recv(self) -> av.VideoFrame:
+        await self._clock.started.wait()
         index = _catch_up(self._clock, self._index, VIDEO_FRAME_SECONDS)
         await _wait_until(self._clock.due(index * VIDEO_FRAME_SECONDS))
         frame = self._source.frame_for(index, time.monotonic())
@@ -84,6 +85,7 @@ class ReturnedAudioTrack(MediaStreamTrack):
         self._index = 0
 
     async def recv(self) -> av.AudioFrame:
+        await self._clock.started.wait()
         index = _catch_up(self._clock, self._index, AUDIO_FRAME_SECONDS)
         await _wait_until(self._clock.due(index * AUDIO_FRAME_SECONDS))
         samples = self._source.audio_for(index * AUDIO_FRAME_SAMPLES, AUDIO_FRAME_SAMPLES)

@@ -1,0 +1,145 @@
+"""A Python peer for programs: stream audio to a lipsync server and receive the video back.
+
+What a browser does, for voice agents, recorders, the tests and the benchmarks: upload a photo
+(or use the default avatar), send an audio track paced in real time, and record the lip-synced
+video frames, the returned audio and the `events` messages as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+RATE = 48_000
+FRAME_SAMPLES = RATE // 50  # 20 ms, as a browser sends
+
+
+class SpeechTrack(MediaStreamTrack):
+    """Plays 16 kHz mono samples as a microphone would: 20 ms frames at real-time pace,
+    then silence for as long as the connection lasts."""
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray, sample_rate: int = 16_000) -> None:
+        super().__init__()
+        resampled = np.interp(
+            np.arange(int(len(samples) * RATE / sample_rate)) * sample_rate / RATE,
+            np.arange(len(samples)),
+            samples,
+        )
+        self._pcm = (np.clip(resampled, -1, 1) * 32767).astype(np.int16)
+        self._index = 0
+        self._start: float | None = None
+        self.started_at: float | None = None  # time.monotonic() of the first frame sent
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = self.started_at = time.monotonic()
+        due = self._start + self._index * FRAME_SAMPLES / RATE
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        begin = self._index * FRAME_SAMPLES
+        chunk = self._pcm[begin : begin + FRAME_SAMPLES]
+        chunk = np.pad(chunk, (0, FRAME_SAMPLES - len(chunk)))
+        frame = av.AudioFrame.from_ndarray(chunk[None, :], format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = begin
+        frame.time_base = Fraction(1, RATE)
+        self._index += 1
+        return frame
+
+
+@dataclass
+class Received:
+    """Everything that came back, each item with its arrival time (time.monotonic())."""
+
+    video: list[tuple[float, int, Any]] = field(default_factory=list)  # (time, pts, kept)
+    audio: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (time, mono 48 kHz)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LipSyncPeer:
+    """One session with a lipsync server.
+
+    `keep` turns each received video frame (BGR ndarray) into what is recorded, e.g. a crop of
+    the mouth, so long runs do not hold every full frame in memory.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        audio: np.ndarray,
+        *,
+        avatar: str | None = None,
+        receive_audio: bool = True,
+        keep: Callable[[np.ndarray], Any] = lambda image: None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.avatar = avatar
+        self.session_id: str | None = None
+        self.received = Received()
+        self.speech = SpeechTrack(audio)
+        self._receive_audio = receive_audio
+        self._keep = keep
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # loopback: no STUN
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self, http: aiohttp.ClientSession) -> None:
+        pc = self._pc
+        pc.addTransceiver(self.speech, direction="sendrecv" if self._receive_audio else "sendonly")
+        pc.addTransceiver("video", direction="recvonly")
+        channel = pc.createDataChannel("events")
+        channel.on("message", lambda message: self.received.events.append(json.loads(message)))
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            reader = self._read_video if track.kind == "video" else self._read_audio
+            self._tasks.append(asyncio.create_task(reader(track)))
+
+        await pc.setLocalDescription(await pc.createOffer())
+        body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        if self.avatar is not None:
+            body["avatar"] = self.avatar
+        async with http.post(f"{self.base_url}/api/sessions", json=body) as response:
+            answer = await response.json()
+            if response.status != 201:
+                raise RuntimeError(f"session refused: {response.status} {answer}")
+        self.session_id = answer["id"]
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+
+    async def _read_video(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                kept = self._keep(frame.to_ndarray(format="bgr24"))
+                self.received.video.append((time.monotonic(), frame.pts, kept))
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+                self.received.audio.append((time.monotonic(), samples.astype(np.float32)))
+
+    async def close(self, http: aiohttp.ClientSession) -> int | None:
+        """End the session (DELETE) and the connection; returns the DELETE's status."""
+        status = None
+        if self.session_id is not None:
+            async with http.delete(f"{self.base_url}/api/sessions/{self.session_id}") as resp:
+                status = resp.status
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._pc.close()
+        return status
