@@ -39,7 +39,7 @@ class Microphone:
         self._on_audio = on_audio
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._first_pts: int | None = None
-        self._first_index = 0
+        self.first_index = 0  # where the peer's first sample landed on the timeline
         self._last_pts = 0
         self._unwrapped = 0
         self.last_media = time.monotonic()
@@ -49,13 +49,13 @@ class Microphone:
         """The session-timeline sample index of a frame with this RTP timestamp."""
         if self._first_pts is None:
             self._first_pts = self._last_pts = pts
-            self._first_index = max(0, round(self._session_time() * SAMPLE_RATE))
+            self.first_index = max(0, round(self._session_time() * SAMPLE_RATE))
         delta = (pts - self._last_pts) % _WRAP
         if delta > _WRAP // 2:  # reordered: slightly in the past
             delta -= _WRAP
         self._last_pts = pts
         self._unwrapped += delta
-        return self._first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
+        return self.first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
 
     def _place(self, frame: av.AudioFrame) -> int:
         """Write the frame's samples; return the timeline index just past them."""

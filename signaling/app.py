@@ -8,7 +8,9 @@ cleanup hooks to the app it returns.
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +26,7 @@ ENGINE_NAME = web.AppKey[str]("engine_name")
 SESSION_COUNT = web.AppKey[Callable[[], int]]("session_count")
 
 routes = web.RouteTableDef()
+page_routes = web.RouteTableDef()
 
 
 def create_app(
@@ -47,6 +50,7 @@ def create_app(
     app.on_startup.append(_start_avatars)
     app.on_cleanup.append(_close_avatars)
     app.add_routes(routes)
+    app.add_routes(page_routes)
     app.add_routes(avatars.routes)
     app.add_routes(session_routes)
     return app
@@ -94,3 +98,40 @@ async def get_ice_servers(request: web.Request) -> web.Response:
     servers = ice_servers(request.app[CONFIG])
     # Logins are minted per request and must not be served from a cache to someone else.
     return web.json_response({"iceServers": servers}, headers={"Cache-Control": "no-store"})
+
+
+# -- the browser page -------------------------------------------------------------------------
+
+# The page's files: package data of `client`, which an editable install leaves in the checkout.
+CLIENT_DIR = Path(str(importlib.resources.files("client")))
+PAGE_SUFFIXES = (".html", ".js", ".css")
+# The page loads nothing from elsewhere, and the policy makes sure of it; media and images come
+# from this server or from blob:/mediastream: objects the page makes itself.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # Revalidated each time (a 304 when unchanged), so an upgraded server never runs old JS.
+    "Cache-Control": "no-cache",
+}
+
+
+def _page_file(name: str) -> web.FileResponse:
+    """A file of the page by its bare name; anything else, or a path, is a plain 404."""
+    path = CLIENT_DIR / name
+    if "/" in name or "\\" in name or path.suffix not in PAGE_SUFFIXES or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers=PAGE_HEADERS)
+
+
+@page_routes.get("/")
+async def index(request: web.Request) -> web.FileResponse:
+    return _page_file("index.html")
+
+
+@page_routes.get("/static/{name}")
+async def static_file(request: web.Request) -> web.FileResponse:
+    return _page_file(request.match_info["name"])

@@ -1,0 +1,68 @@
+// The server's JSON API. Every failure there has one shape, {error: {code, message}}, so all
+// calls throw one error type that carries what the server said, for the page to show.
+
+export class ApiError extends Error {
+  constructor(status, code, message, retryAfter = null) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status; // 0: the server could not be reached at all
+    this.code = code;
+    this.retryAfter = retryAfter; // seconds, from a Retry-After header
+  }
+}
+
+// Relative URLs, so the page also works behind a proxy that mounts the server under a prefix.
+async function call(method, path, { body, headers, keepalive = false } = {}) {
+  let response;
+  try {
+    response = await fetch(path, { method, body, headers, keepalive });
+  } catch (error) {
+    throw new ApiError(0, "network", `cannot reach the server (${error.message})`);
+  }
+  if (response.ok) return response;
+  let code = "http_" + response.status;
+  let message = `the server answered ${response.status} ${response.statusText}`;
+  try {
+    const { error } = await response.json();
+    if (error?.message) ({ code, message } = error);
+  } catch {
+    // Not our JSON (a proxy's error page, say): keep the generic message.
+  }
+  const retryAfter = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
+  throw new ApiError(response.status, code, message, Number.isFinite(retryAfter) ? retryAfter : null);
+}
+
+/** Upload a photo as the raw body; the server decides its type from the bytes anyway. */
+export async function uploadAvatar(file) {
+  const headers = { "Content-Type": file.type || "application/octet-stream" };
+  return (await call("POST", "api/avatars", { body: file, headers })).json();
+}
+
+export async function getAvatar(id) {
+  return (await call("GET", `api/avatars/${encodeURIComponent(id)}`)).json();
+}
+
+export function previewUrl(id) {
+  return `api/avatars/${encodeURIComponent(id)}/preview`;
+}
+
+export async function health() {
+  return (await call("GET", "api/health")).json();
+}
+
+export async function iceServers() {
+  const { iceServers } = await (await call("GET", "api/ice-servers")).json();
+  return iceServers;
+}
+
+export async function createSession(offer) {
+  return (await call("POST", "api/sessions", {
+    body: JSON.stringify(offer),
+    headers: { "Content-Type": "application/json" },
+  })).json();
+}
+
+/** `keepalive` lets the request outlive the page (on unload; sendBeacon can only POST). */
+export async function deleteSession(id, { keepalive = false } = {}) {
+  await call("DELETE", `api/sessions/${encodeURIComponent(id)}`, { keepalive });
+}

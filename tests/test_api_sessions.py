@@ -1,0 +1,109 @@
+"""Session API errors: each bad input gets its status and a JSON error, and nothing breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from rtc_server.peer import SpeechTrack
+from signaling.config import ServerConfig
+from signaling.server import build_app
+from signaling.sessions import SESSIONS
+from wav2lip.animator import Animator
+
+
+async def _offer(audio: str = "sendrecv", video: str | None = "recvonly") -> tuple:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver(SpeechTrack(np.zeros(1600, np.float32)), direction=audio)
+    if video:
+        pc.addTransceiver("video", direction=video)
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+@pytest.fixture
+async def server():
+    app = build_app(
+        ServerConfig(offline=True, max_sessions=1, session_idle_timeout=2), engine=Animator()
+    )
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    yield test_server
+    await test_server.close()
+
+
+async def _post(http, server, body=None, data=None, headers=None):
+    started = time.monotonic()
+    async with http.post(
+        server.make_url("/api/sessions"), json=body, data=data, headers=headers
+    ) as response:
+        payload = await response.json()
+        assert time.monotonic() - started < 5  # every error is quick
+        return response.status, payload, response.headers
+
+
+async def test_bad_session_requests(server) -> None:
+    pc, sdp = await _offer()
+    async with aiohttp.ClientSession() as http:
+        cases = [
+            (dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400),
+            (dict(body=[1, 2]), 400),
+            (dict(body={"type": "offer"}), 400),
+            (dict(body={"sdp": sdp, "type": "answer"}), 400),
+            (dict(body={"sdp": "v=0\r\nthis is not sdp", "type": "offer"}), 400),
+            (dict(body={"sdp": sdp, "type": "offer", "avatar": "nope"}), 404),
+            (dict(body={"sdp": sdp, "type": "offer", "avatar": 7}), 400),
+        ]
+        for kwargs, status in cases:
+            got, payload, _ = await _post(http, server, **kwargs)
+            assert got == status, (kwargs, payload)
+            assert set(payload["error"]) == {"code", "message"} and payload["error"]["message"]
+        no_audio_pc, no_audio = await _offer(audio="recvonly")
+        got, payload, _ = await _post(http, server, body={"sdp": no_audio, "type": "offer"})
+        assert got == 400 and "audio" in payload["error"]["message"]
+        no_video_pc, no_video = await _offer(video=None)
+        got, payload, _ = await _post(http, server, body={"sdp": no_video, "type": "offer"})
+        assert got == 400 and "video" in payload["error"]["message"]
+        async with http.delete(server.make_url("/api/sessions/unknown")) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "session_not_found"
+
+        # At the limit: 503 with Retry-After; the first session is unaffected.
+        got, first, _ = await _post(http, server, body={"sdp": sdp, "type": "offer"})
+        assert got == 201 and first["type"] == "answer" and "m=video" in first["sdp"]
+        other_pc, other = await _offer()
+        got, payload, headers = await _post(http, server, body={"sdp": other, "type": "offer"})
+        assert got == 503 and int(headers["Retry-After"]) > 0
+        assert payload["error"]["code"] == "server_full"
+        async with http.get(server.make_url("/api/health")) as response:
+            health = await response.json()
+        assert health["status"] == "ok" and health["sessions"] == 1
+        async with http.delete(server.make_url(f"/api/sessions/{first['id']}")) as response:
+            assert response.status == 204
+        async with http.get(server.make_url("/api/health")) as response:
+            assert (await response.json())["sessions"] == 0
+    for peer in (pc, no_audio_pc, no_video_pc, other_pc):
+        await peer.close()
+
+
+async def test_session_without_media_times_out(server) -> None:
+    """A peer that never connects is freed after the idle timeout (2 s here)."""
+    pc, sdp = await _offer()
+    async with aiohttp.ClientSession() as http:
+        status, answer, _ = await _post(http, server, body={"sdp": sdp, "type": "offer"})
+        assert status == 201
+        manager = server.app[SESSIONS]
+        session = manager.sessions[answer["id"]]
+        await pc.close()  # never applies the answer: no media will ever flow
+        for _ in range(50):
+            if not manager.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert not manager.sessions and session.closed
+        assert session.pc.connectionState == "closed"
