@@ -184,11 +184,12 @@ function goLive() {
 
 /** Tear the call down and say why; `retry` offers the Retry button, after `after` seconds. */
 async function fail(message, { retry = false, after = null } = {}) {
-  await endCall();
+  const ending = endCall(); // the message shows now, not after the server confirms the end
   if (retry) showRetry(after);
   else hideRetry();
   setState("failed");
   say(message);
+  await ending;
 }
 
 async function stopCall() {

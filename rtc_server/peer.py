@@ -69,17 +69,25 @@ class Received:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _luma(frame: av.VideoFrame) -> np.ndarray:
+    """The Y plane of a decoded yuv420p frame, without its row padding."""
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, : plane.width]
+
+
 class LipSyncPeer:
     """One session with a lipsync server.
 
-    `keep` turns each received video frame (BGR ndarray) into what is recorded, e.g. a crop of
-    the mouth, so long runs do not hold every full frame in memory.
+    `keep` turns each received video frame's luma plane (an (H, W) uint8 array: cheap, with
+    no colour conversion) into what is recorded, e.g. a crop of the mouth, so long runs do not
+    hold every full frame in memory.
     """
 
     def __init__(
         self,
         base_url: str,
-        audio: np.ndarray,
+        audio: np.ndarray | SpeechTrack,
         *,
         avatar: str | None = None,
         receive_audio: bool = True,
@@ -89,7 +97,7 @@ class LipSyncPeer:
         self.avatar = avatar
         self.session_id: str | None = None
         self.received = Received()
-        self.speech = SpeechTrack(audio)
+        self.speech = audio if isinstance(audio, SpeechTrack) else SpeechTrack(audio)
         self._receive_audio = receive_audio
         self._keep = keep
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # loopback: no STUN
@@ -122,7 +130,7 @@ class LipSyncPeer:
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
-                kept = self._keep(frame.to_ndarray(format="bgr24"))
+                kept = self._keep(_luma(frame))
                 self.received.video.append((time.monotonic(), frame.pts, kept))
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:

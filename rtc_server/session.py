@@ -153,8 +153,11 @@ class Session:
 
     async def _produce(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # lands as the event is set, and close() would wait for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._audio_event.wait(), VIDEO_FRAME_SECONDS / 2)
+                async with asyncio.timeout(VIDEO_FRAME_SECONDS / 2):
+                    await self._audio_event.wait()
             self._audio_event.clear()
             self._advance()
 

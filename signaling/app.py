@@ -8,7 +8,6 @@ cleanup hooks to the app it returns.
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -102,8 +101,11 @@ async def get_ice_servers(request: web.Request) -> web.Response:
 
 # -- the browser page -------------------------------------------------------------------------
 
-# The page's files: package data of `client`, which an editable install leaves in the checkout.
-CLIENT_DIR = Path(str(importlib.resources.files("client")))
+# The page's files: the package data of `client`, which is installed beside this package (a
+# wheel puts both in site-packages, an editable install leaves both in the checkout). Found by
+# path, not by importing `client`: an editable install made before client/ had its __init__.py
+# maps it as a namespace package, which importlib.resources cannot read.
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 PAGE_SUFFIXES = (".html", ".js", ".css")
 # The page loads nothing from elsewhere, and the policy makes sure of it; media and images come
 # from this server or from blob:/mediastream: objects the page makes itself.

@@ -282,7 +282,7 @@ def test_a_photo_without_a_face_is_explained(open_page) -> None:
     assert watch.errors == [] and watch.foreign == []
 
 
-def test_a_full_server_says_when_to_retry(open_page, base_url) -> None:
+def test_a_full_server_says_when_to_retry_and_leaving_frees_the_slot(open_page, base_url) -> None:
     first, second = open_page(), open_page()
     first.by_id("start").click()
     first.page.wait_for_selector("body[data-state=live]", timeout=LIVE_TIMEOUT_MS)
@@ -294,7 +294,8 @@ def test_a_full_server_says_when_to_retry(open_page, base_url) -> None:
     retry = second.by_id("retry")
     assert retry.is_visible() and retry.is_disabled() and "Retry in" in retry.inner_text()
 
-    first.by_id("stop").click()
+    # Leaving the page ends its session (a keepalive DELETE on pagehide).
+    first.page.goto("about:blank")
     assert _wait_for_sessions(base_url, 0)["sessions"] == 0
     assert first.errors == [] and second.errors == []
     assert first.foreign == [] and second.foreign == []

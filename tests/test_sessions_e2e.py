@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from rtc_server.peer import LipSyncPeer
+from rtc_server.peer import LipSyncPeer, SpeechTrack
 from signaling.config import ServerConfig
 from signaling.server import build_app
 from signaling.sessions import SESSIONS
@@ -109,7 +109,7 @@ async def test_speech_moves_the_mouth_in_sync(faces_dir, speech_16k) -> None:
     assert silent.sum() > 5 and speaking.sum() > 40
     crops = np.stack([k for _, _, k in video])
     rest = np.median(crops[silent], axis=0)
-    moved = np.abs(crops - rest).mean(axis=(1, 2, 3))
+    moved = np.abs(crops - rest).mean(axis=(1, 2))
     assert moved[silent].max() < 1.5
     assert moved[speaking].mean() > 4 * max(moved[silent].mean(), 0.5)
 
@@ -172,7 +172,7 @@ async def test_sessions_get_their_own_face_and_audio(faces_dir, speech_16k) -> N
             for peer, avatar in zip(peers, avatars):
                 peer._keep = (lambda keep: lambda image: (image.shape, keep(image)))(peer._keep)
                 await peer.connect(http)
-                sizes.append((avatar["height"], avatar["width"], 3))
+                sizes.append((avatar["height"], avatar["width"]))
             await asyncio.sleep(len(early) / 16000 + 0.5)
             sessions = [server.app[SESSIONS].sessions[p.session_id] for p in peers]
             for peer in peers:
@@ -188,7 +188,7 @@ async def test_sessions_get_their_own_face_and_audio(faces_dir, speech_16k) -> N
         steady = times[times > times[0] + 1.0]
         assert (len(steady) - 1) / (steady[-1] - steady[0]) >= 24
         crops = np.stack([crop for _, _, (_, crop) in video])
-        moved = np.abs(np.diff(crops, axis=0)).mean(axis=(1, 2, 3))
+        moved = np.abs(np.diff(crops, axis=0)).mean(axis=(1, 2))
         shown = _shown(session, times[1:])
         warm = times[1:] > times[0] + 0.5  # past the encoder's low-bitrate start
         correlations.append(
@@ -230,3 +230,47 @@ async def test_wav2lip_on_cpu_keeps_25_fps_with_bounded_lag(faces_dir, speech_16
     reports = [e for e in peer.received.events if e["type"] == "stats"]
     assert reports and all(r["lag_ms"] < session.options.delay * 1000 + 150 for r in reports)
     assert reports[-1]["engine"] == "wav2lip"
+
+
+class _StallingTrack(SpeechTrack):
+    """Speaks, then stops sending entirely, as a muted or frozen microphone may."""
+
+    def __init__(self, samples: np.ndarray) -> None:
+        super().__init__(samples)
+        self._frames = len(samples) // 320
+
+    async def recv(self):
+        if self._index >= self._frames:
+            await asyncio.Event().wait()  # never again
+        return await super().recv()
+
+
+async def test_video_keeps_flowing_when_the_microphone_stalls(faces_dir, speech_16k) -> None:
+    server = await _start(Animator(), video_max_width=640, video_max_height=360)
+    audio = np.concatenate((np.zeros(8000, np.float32), speech_16k))
+    try:
+        async with aiohttp.ClientSession() as http:
+            avatar = await _upload(http, server, faces_dir / "obama.jpg")
+            peer = LipSyncPeer(
+                str(server.make_url("/")),
+                _StallingTrack(audio),
+                avatar=avatar["id"],
+                receive_audio=False,
+                keep=_mouth(avatar["face"]["box"]),
+            )
+            await peer.connect(http)
+            await asyncio.sleep(len(audio) / 16000 + 3.0)
+            session = server.app[SESSIONS].sessions[peer.session_id]
+            assert await peer.close(http) == 204
+    finally:
+        await server.close()
+    times = np.array([t for t, _, _ in peer.received.video])
+    stalled = times > session._microphone.last_media + session.options.delay + 0.6
+    assert stalled.sum() > 40  # two seconds and more after the microphone went quiet
+    stalled_times = times[stalled]
+    assert (len(stalled_times) - 1) / (stalled_times[-1] - stalled_times[0]) >= 24
+    crops = np.stack([k for _, _, k in peer.received.video])
+    moved = np.abs(np.diff(crops, axis=0)).mean(axis=(1, 2))
+    # A resting mouth (allowing the odd keyframe, whose new coding noise shows as a blip).
+    assert np.percentile(moved[stalled[1:]], 95) < 1.5
+    assert moved[~stalled[1:]].max() > 3.0  # it did move while there was speech
