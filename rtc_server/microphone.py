@@ -21,6 +21,8 @@ from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
 log = logging.getLogger(__name__)
 
 _WRAP = 1 << 32  # RTP timestamps are 32-bit
+# During the first second of audio the anchor may still move earlier (see `_index`).
+ANCHOR_FRAMES = 50
 
 
 class Microphone:
@@ -55,7 +57,15 @@ class Microphone:
             delta -= _WRAP
         self._last_pts = pts
         self._unwrapped += delta
-        return self.first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
+        index = self.first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
+        arrived = round(self._session_time() * SAMPLE_RATE)
+        if index > arrived and self.frames <= ANCHOR_FRAMES:
+            # This frame came sooner than the first one implied: the first was held up on its
+            # way (connection start-up). Move the anchor, or that hold-up would be added to
+            # the lag for the whole session.
+            self.first_index -= index - arrived
+            index = arrived
+        return index
 
     def _place(self, frame: av.AudioFrame) -> int:
         """Write the frame's samples; return the timeline index just past them."""

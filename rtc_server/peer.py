@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 RATE = 48_000
@@ -91,6 +91,7 @@ class LipSyncPeer:
         *,
         avatar: str | None = None,
         receive_audio: bool = True,
+        video_codec: str | None = None,
         keep: Callable[[np.ndarray], Any] = lambda image: None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -99,6 +100,7 @@ class LipSyncPeer:
         self.received = Received()
         self.speech = audio if isinstance(audio, SpeechTrack) else SpeechTrack(audio)
         self._receive_audio = receive_audio
+        self._video_codec = video_codec  # e.g. "H264" or "VP8": offered first
         self._keep = keep
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # loopback: no STUN
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,7 +108,14 @@ class LipSyncPeer:
     async def connect(self, http: aiohttp.ClientSession) -> None:
         pc = self._pc
         pc.addTransceiver(self.speech, direction="sendrecv" if self._receive_audio else "sendonly")
-        pc.addTransceiver("video", direction="recvonly")
+        video = pc.addTransceiver("video", direction="recvonly")
+        if self._video_codec is not None:
+            wanted = f"video/{self._video_codec}".lower()
+            codecs = RTCRtpSender.getCapabilities("video").codecs
+            video.setCodecPreferences(
+                [c for c in codecs if c.mimeType.lower() == wanted]
+                + [c for c in codecs if c.mimeType.lower() != wanted]
+            )
         channel = pc.createDataChannel("events")
         channel.on("message", lambda message: self.received.events.append(json.loads(message)))
 

@@ -107,3 +107,42 @@ async def test_session_without_media_times_out(server) -> None:
             await asyncio.sleep(0.1)
         assert not manager.sessions and session.closed
         assert session.pc.connectionState == "closed"
+
+
+async def test_the_browsers_preferred_codec_is_used(server, faces_dir) -> None:
+    """H.264 offered first gets H.264; frames arrive in it."""
+    from rtc_server.peer import LipSyncPeer
+
+    audio = np.zeros(16000 * 3, np.float32)
+    peer = LipSyncPeer(str(server.make_url("/")), audio, receive_audio=False, video_codec="H264")
+    async with aiohttp.ClientSession() as http:
+        await peer.connect(http)
+        await asyncio.sleep(2.0)
+        session = server.app[SESSIONS].sessions[peer.session_id]
+        answer = session.pc.localDescription.sdp
+        await peer.close(http)
+    video_section = answer[answer.index("m=video") :]
+    first_payload = video_section.split("\r\n")[0].split()[3]
+    assert f"a=rtpmap:{first_payload} H264/90000" in video_section
+    assert len(peer.received.video) > 10
+
+
+async def test_closing_the_connection_ends_the_session(server) -> None:
+    from rtc_server.peer import LipSyncPeer
+
+    peer = LipSyncPeer(str(server.make_url("/")), np.zeros(16000, np.float32))
+    async with aiohttp.ClientSession() as http:
+        await peer.connect(http)
+        manager = server.app[SESSIONS]
+        for _ in range(50):
+            session = manager.sessions.get(peer.session_id)
+            if session is not None and session.clock.started.is_set():
+                break
+            await asyncio.sleep(0.1)
+        assert session.clock.started.is_set()
+        await peer._pc.close()  # no DELETE: the peer just goes away
+        for _ in range(100):
+            if not manager.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert not manager.sessions and session.closed

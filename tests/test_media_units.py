@@ -1,0 +1,165 @@
+"""The media path's parts on their own: timeline, microphone placement, scheduler, frames."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from aiortc.mediastreams import MediaStreamError
+
+from rtc_server.microphone import Microphone
+from rtc_server.scheduler import InferenceScheduler
+from rtc_server.session import samples_needed
+from rtc_server.timeline import AudioTimeline
+from wav2lip.audio import melspectrogram
+
+
+def test_timeline_places_by_index_and_reads_holes_as_silence() -> None:
+    timeline = AudioTimeline(("a", "b"))
+    timeline.write(0, np.ones(100, np.float32))
+    timeline.write(200, np.full(100, 2, np.float32))  # 100..200 was lost
+    got = timeline.read("a", 350)
+    assert np.all(got[:100] == 1) and np.all(got[100:200] == 0) and np.all(got[200:300] == 2)
+    assert np.all(got[300:] == 0)  # the future reads as silence too
+    # Reader "b" still sees everything: samples are kept until every reader has passed.
+    assert np.array_equal(timeline.read("b", 350), got)
+    # Audio arriving after both readers passed it is counted late and dropped.
+    timeline.write(300, np.ones(100, np.float32))
+    assert timeline.late_samples == 50
+    assert np.all(timeline.read("a", 400) == 1)
+
+
+def test_timeline_memory_is_bounded() -> None:
+    timeline = AudioTimeline(("a",), max_ahead=16000)
+    timeline.write(10 * 16000, np.ones(10, np.float32))  # absurdly far ahead: refused
+    assert timeline.written_end == 0
+    for second in range(30):
+        timeline.write(second * 16000, np.ones(16000, np.float32))
+        timeline.read("a", (second + 1) * 16000)
+    assert len(timeline._data) <= 2 * 16000
+
+
+class _FakeTrack:
+    """Yields 48 kHz stereo frames with given RTP timestamps, then ends."""
+
+    def __init__(self, stamps: list[int], level: float = 0.5) -> None:
+        self._stamps = list(stamps)
+        self._level = level
+
+    async def recv(self) -> av.AudioFrame:
+        if not self._stamps:
+            raise MediaStreamError
+        pcm = np.full((1, 960 * 2), int(self._level * 32767), np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        frame.pts = self._stamps.pop(0)
+        frame.time_base = Fraction(1, 48000)
+        return frame
+
+
+async def _run_microphone(stamps: list[int], session_time) -> tuple:
+    timeline = AudioTimeline(("r",))
+    ends = []
+    microphone = Microphone(
+        _FakeTrack(stamps), timeline, session_time, lambda end, _: ends.append(end)
+    )
+    await microphone.run()
+    return timeline, microphone, ends
+
+
+async def test_microphone_places_by_timestamp_and_lost_packets_become_silence() -> None:
+    base = (1 << 32) - 960 * 3  # wraps around 2**32 during the run
+    stamps = [(base + i * 960) % (1 << 32) for i in range(10) if i != 5]  # packet 5 lost
+    arrivals = iter([0.0] + [0.02 * i for i in range(10) if i != 5])  # on time
+    timeline, microphone, ends = await _run_microphone(stamps, lambda: next(arrivals))
+    assert microphone.frames == 9
+    audio = timeline.read("r", 10 * 320)
+    per_frame = audio.reshape(10, 320)
+    loud = np.abs(per_frame[:, 100:]).mean(axis=1) > 0.3  # skip the resampler's ramp-in
+    assert loud.tolist() == [True] * 5 + [False] + [True] * 4
+    assert ends[-1] == pytest.approx(10 * 320, abs=40)
+
+
+async def test_microphone_reanchors_when_the_first_packet_was_late() -> None:
+    """A first packet held up 0.5 s must not add 0.5 s of lag to the whole session."""
+    # Packet 0 arrives 0.5 s into the session, packets 1..3 right behind it (they had queued
+    # behind it), then one every 20 ms.
+    clock = iter([0.5] * 5 + [0.5 + 0.02 * i for i in range(1, 20)])
+    stamps = [i * 960 for i in range(20)]
+    _, microphone, ends = await _run_microphone(stamps, lambda: next(clock))
+    # Packets 1..3 arrived together right after packet 0: the anchor moved back.
+    assert microphone.first_index == 0.5 * 16000 - 3 * 320
+    assert ends[-1] == pytest.approx((0.5 + 0.02 * 17) * 16000, abs=40)
+
+
+def test_samples_needed_matches_the_mel_frames_a_window_reads() -> None:
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal(16000 * 2).astype(np.float32)
+    full = melspectrogram(audio)
+    for frame in (0, 1, 5, 17):
+        need = samples_needed(frame)
+        start = int(frame * 3.2)
+        window = melspectrogram(audio[:need])[:, start : start + 16]
+        # With just `need` samples, the frame's last mel frame is already final.
+        assert np.abs(window - full[:, start : start + 16]).max() < 1e-4
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.face = object()
+        self.closed = False
+        self.delivered: list[int] = []
+        self.dropped: list[int] = []
+
+    def compose(self, mouth: np.ndarray) -> np.ndarray:
+        return mouth
+
+    def deliver(self, index: int, frame: np.ndarray, infer_seconds: float) -> None:
+        self.delivered.append(index)
+
+    def drop(self, index: int) -> None:
+        self.dropped.append(index)
+
+
+class _SlowEngine:
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def prepare(self, face_input: np.ndarray) -> object:
+        return object()
+
+    def infer(self, face, mels: np.ndarray) -> np.ndarray:
+        self.batches.append(len(mels))
+        time.sleep(0.05 * len(mels))
+        return np.zeros((len(mels), 96, 96, 3), np.uint8)
+
+
+async def test_scheduler_runs_earliest_due_first_and_drops_what_cannot_make_it() -> None:
+    engine = _SlowEngine()
+    scheduler = InferenceScheduler(engine, max_batch=2)
+    scheduler.seconds_per_frame = 0.05
+    a, b = _Sink(), _Sink()
+    now = time.monotonic()
+    mel = np.zeros((80, 16), np.float32)
+    for i in range(6):
+        scheduler.submit(a, i, mel, now + 0.12 + 0.04 * i)
+        scheduler.submit(b, i, mel, now + 0.12 + 0.04 * i)
+    scheduler.submit(a, 99, mel, now - 1)  # already late
+    scheduler.start()
+    await asyncio.sleep(0.8)
+    scheduler.stop()
+    assert 99 in a.dropped and 99 not in a.delivered
+    assert max(engine.batches) <= 2
+    # Twelve frames at 50 ms each cannot all make it in time: some are dropped, not queued.
+    assert a.dropped and b.dropped
+    for sink in (a, b):
+        assert sink.delivered == sorted(sink.delivered)  # earliest due first
+        assert set(sink.delivered).isdisjoint(sink.dropped)
+    # Frames of both sessions were served: the shared device is fair by due time.
+    assert a.delivered and b.delivered
