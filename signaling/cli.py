@@ -39,6 +39,7 @@ def find_checkpoint(explicit: Path | None, cache: Path | None) -> Path | None:
 
 
 def _render(args: argparse.Namespace) -> None:
+    from wav2lip.blend import first_face_row
     from wav2lip.checkpoint import load_checkpoint
     from wav2lip.engine import Engine
     from wav2lip.faces import FaceBox
@@ -53,7 +54,9 @@ def _render(args: argparse.Namespace) -> None:
         raise UsageError(
             "no Wav2Lip checkpoint: pass --checkpoint PATH or run `lipsync weights fetch`"
         )
-    engine = Engine(load_checkpoint(checkpoint), device=args.device)
+    engine = Engine(
+        load_checkpoint(checkpoint), device=args.device, first_row=first_face_row(args.blend)
+    )
     result = render(
         args.face,
         args.audio,

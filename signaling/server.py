@@ -15,6 +15,7 @@ from signaling.sessions import install
 from signaling.sessions import routes as session_routes
 from wav2lip.animator import Animator
 from wav2lip.audio import LOOKAHEAD_SECONDS
+from wav2lip.blend import first_face_row
 from wav2lip.checkpoint import load_checkpoint
 from wav2lip.engine import Engine, MouthEngine
 from wav2lip.weights import GENERATORS, WeightsError, fetch, find_cached
@@ -46,7 +47,10 @@ def load_engine(config: ServerConfig) -> MouthEngine:
         )
         return Animator()
     log.info("Wav2Lip weights: %s", checkpoint)
-    return Engine(load_checkpoint(checkpoint), device=config.device)
+    # Sessions blend with the feathered mask: only the lower face is computed.
+    return Engine(
+        load_checkpoint(checkpoint), device=config.device, first_row=first_face_row("feather")
+    )
 
 
 def default_delay(engine: MouthEngine) -> float:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from wav2lip.blend import Blender, feather_mask
+from wav2lip.blend import Blender, feather_mask, first_face_row
 from wav2lip.faces import FaceBox, read_image
 
 # The padded face box that detection gives for obama.jpg, fixed so these tests need no detector.
@@ -103,3 +103,19 @@ def test_invalid_arguments_are_rejected(obama: np.ndarray, generated: np.ndarray
         blender.paste(obama[:500], generated)
     with pytest.raises(ValueError, match="generated face"):
         blender.paste(obama, generated[..., 0])
+
+
+@pytest.mark.parametrize("height", [97, 150, 209, 333, 480])
+def test_rows_above_first_face_row_never_reach_the_picture(height: int) -> None:
+    frame = np.full((720, 1280, 3), 90, np.uint8)
+    box = FaceBox(400, 100, 400 + height * 5 // 6, 100 + height)
+    blender = Blender(box, frame.shape)
+    face = np.random.default_rng(height).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    other = face.copy()
+    top = first_face_row("feather")
+    other[:top] = 255 - other[:top]
+    assert np.array_equal(blender.paste(frame, face), blender.paste(frame, other))
+    # And the row itself does matter: the bound is not loose by much.
+    other[top + 3] = 255 - other[top + 3]
+    assert not np.array_equal(blender.paste(frame, face), blender.paste(frame, other))
+    assert first_face_row("hard") == 0

@@ -69,3 +69,35 @@ def test_pick_device() -> None:
     if not torch.cuda.is_available() and torch.backends.mps.is_available():
         expected = "mps"
     assert pick_device("auto").type == expected
+
+
+def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip) -> None:
+    from wav2lip.blend import first_face_row
+    from wav2lip.engine import decode_lower, lower_cut
+
+    rng = np.random.default_rng(2)
+    face = rng.random((6, 96, 96), dtype=np.float32)
+    mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
+    full = Engine(wav2lip_model, device="cpu")
+    first_row = first_face_row("feather")
+    lower = Engine(wav2lip_model, device="cpu", first_row=first_row)
+    assert lower.cut > 0 and lower.first_exact_row <= first_row
+    expected = full.infer(full.prepare(face), mels)
+    got = lower.infer(lower.prepare(face), mels)
+    # Identical in every row the picture can show; above, the photo's own crop.
+    shown = slice(lower.first_exact_row, None)
+    assert np.abs(got[:, shown].astype(int) - expected[:, shown].astype(int)).max() <= 1
+    crop = np.rint(face[3:].transpose(1, 2, 0) * 255).astype(np.uint8)
+    top = lower.first_exact_row
+    assert np.array_equal(got[:, :top], np.repeat(crop[None, :top], 3, 0))
+    # The rule behind it: cutting at row c of the 12-pixel input is exact from row 8c + 15.
+    feats = full.model.encode_face(torch.from_numpy(face[None]))
+    mel = torch.from_numpy(mels[:, None])
+    with torch.no_grad():
+        reference = full.model.decode(mel, feats)
+        for cut in (1, 2, 3):
+            out = decode_lower(full.model, mel, feats, cut)
+            start = 8 * cut + 15
+            assert out.shape[2] == 96 - start
+            assert (out - reference[:, :, start:]).abs().max() < 1e-5
+    assert lower_cut(first_row) == 3

@@ -26,6 +26,16 @@ _FALL_BOTTOM = (0.88, 1.0)  # 1 down to the chin, 0 on the box's bottom row
 _SIDE = 0.18  # ramps from 0 on the left and right columns to 1 inside, clear of the mouth
 
 
+def first_face_row(mode: str, size: int = 96) -> int:
+    """The first row of the generated `size`x`size` face that can reach the picture.
+
+    The feathered mask is 0 above `_RISE_TOP[0]` of the box, and resizing the face to the box
+    reads at most one row above; two rows of margin cover the rounding of any box height. The
+    engine need not compute the rows above this one.
+    """
+    return 0 if mode == "hard" else int(_RISE_TOP[0] * size) - 2
+
+
 def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     """0 at `edge0`, 1 at `edge1` (either order), smooth in between; exact at both ends."""
     t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)

@@ -73,11 +73,51 @@ class MouthEngine(Protocol):
         """
 
 
+# The decoder's last three stages (24, 48 and 96 pixels) are 71% of the work. A convolution's
+# output rows depend only on nearby input rows, so when only the lower rows of the face are
+# shown, those stages run on the lower rows alone. Starting the 24-pixel stage at row s of its
+# 12-pixel input: each transposed convolution (k3, s2, p1) is exact from row 2s of its output,
+# each of the two residual 3x3 convolutions after it spoils one more row at the cut, and the
+# output block's 3x3 convolution one more; so the 96-pixel output is exact from row 8s + 15.
+_LOWER_STAGES = 4  # index of the first decoder block that is cut
+_EXACT_FROM = 15  # output row exact when the cut is at row 0 of the 12-pixel input
+_EXACT_STEP = 8  # output rows gained per input row cut
+
+
+def lower_cut(first_row: int) -> int:
+    """The 12-pixel row to cut at so the 96-pixel output is exact from `first_row` on."""
+    return max(0, (first_row - _EXACT_FROM) // _EXACT_STEP)
+
+
+def decode_lower(
+    model: Wav2Lip, mel: torch.Tensor, feats: list[torch.Tensor], cut: int
+) -> torch.Tensor:
+    """`model.decode`, exact for output rows 8*cut + 15 onwards, which it alone returns."""
+    x = model.audio_encoder(mel)
+    batch = x.shape[0]
+    skips = list(reversed(feats))
+    blocks = model.face_decoder_blocks
+    for block, skip in zip(blocks[:_LOWER_STAGES], skips[:_LOWER_STAGES]):
+        x = torch.cat((block(x), skip.expand(batch, -1, -1, -1)), dim=1)
+    start = cut  # first row of x, in x's own full-size coordinates
+    x = x[:, :, cut:]
+    for block, skip in zip(blocks[_LOWER_STAGES:], skips[_LOWER_STAGES:]):
+        x = block(x)
+        start *= 2
+        x = torch.cat((x, skip[:, :, start:].expand(batch, -1, -1, -1)), dim=1)
+        x = x[:, :, 2:]  # the two rows the residual convolutions spoiled at the cut
+        start += 2
+    # The output block's 3x3 convolution spoils the first row again.
+    return model.output_block(x)[:, :, 1:]
+
+
 @dataclass
 class PreparedFace:
-    """What the engine keeps per photo: the face features, computed once."""
+    """What the engine keeps per photo: the face features, computed once, and the crop that
+    stands in for rows the engine does not compute."""
 
     features: list[torch.Tensor]
+    crop: np.ndarray
 
 
 class Engine:
@@ -85,17 +125,29 @@ class Engine:
 
     name = "wav2lip"
 
-    def __init__(self, model: Wav2Lip, device: str = "auto", half: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: Wav2Lip,
+        device: str = "auto",
+        half: bool | None = None,
+        first_row: int = 0,
+    ) -> None:
+        """`first_row`: the first row of the 96x96 output that is shown (the feathered blend
+        shows only the lower face); rows above it are copied from the photo, not computed.
+        0 computes everything, as the official inference does."""
         self.device = pick_device(device)
         self.half = self.device.type == "cuda" if half is None else half
         self.dtype = torch.float16 if self.half else torch.float32
         self.model = fold_batchnorm(model).to(self.device, self.dtype)
+        self.cut = lower_cut(first_row)
+        self.first_exact_row = _EXACT_STEP * self.cut + _EXACT_FROM if self.cut else 0
 
     @torch.inference_mode()
     def prepare(self, face_input: np.ndarray) -> PreparedFace:
         """Encode the model input of a photo, (6, 96, 96) float in [0, 1], once."""
         faces = torch.from_numpy(face_input[None]).to(self.device, self.dtype)
-        return PreparedFace(self.model.encode_face(faces))
+        crop = np.rint(face_input[3:].transpose(1, 2, 0) * 255).astype(np.uint8)
+        return PreparedFace(self.model.encode_face(faces), crop)
 
     @torch.inference_mode()
     def infer(self, face: PreparedFace | Sequence[PreparedFace], mels: np.ndarray) -> np.ndarray:
@@ -108,6 +160,14 @@ class Engine:
         else:
             features = [torch.cat(level) for level in zip(*(f.features for f in face))]
         mel = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32)[:, None])
-        out = self.model.decode(mel.to(self.device, self.dtype), features)
-        pixels = out.float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy()
-        return pixels.astype(np.uint8)
+        mel = mel.to(self.device, self.dtype)
+        if not self.cut:
+            out = self.model.decode(mel, features)
+            return out.float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+        lower = decode_lower(self.model, mel, features, self.cut)
+        pixels = lower.float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+        crops = [face.crop] if isinstance(face, PreparedFace) else [f.crop for f in face]
+        out = np.empty((len(mels), *crops[0].shape), np.uint8)
+        out[:, : self.first_exact_row] = np.stack(crops)[:, : self.first_exact_row]
+        out[:, self.first_exact_row :] = pixels
+        return out
