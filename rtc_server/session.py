@@ -114,6 +114,8 @@ class Session:
         self.generated = 0
         self.repeated = 0
         self.dropped = 0
+        self.longest_repeat_run = 0  # repeats in a row: even degradation keeps this small
+        self._repeat_run = 0
         self._lags: deque[float] = deque(maxlen=100)
         self._infer_ms: deque[float] = deque(maxlen=100)
 
@@ -239,8 +241,11 @@ class Session:
         self._sent_upto = index + 1
         if frame is None:
             self.repeated += 1
+            self._repeat_run += 1
+            self.longest_repeat_run = max(self.longest_repeat_run, self._repeat_run)
             frame = self._last_frame
         else:
+            self._repeat_run = 0
             self._last_frame = frame
         self.delivered += 1
         self._lags.append(sent_at - self._arrival_of(index * SAMPLE_RATE // 25))
@@ -278,12 +283,15 @@ class Session:
 
     def stats(self) -> dict[str, Any]:
         lags = sorted(self._lags)
+        p95 = lags[min(len(lags) - 1, len(lags) * 95 // 100)] if lags else None
         return {
             "delivered": self.delivered,
             "generated": self.generated,
             "repeated": self.repeated,
             "dropped": self.dropped,
             "lag_ms": round(lags[len(lags) // 2] * 1000) if lags else None,
+            "lag_p95_ms": round(p95 * 1000) if p95 is not None else None,
+            "longest_repeat_run": self.longest_repeat_run,
             "inference_ms": round(float(np.mean(self._infer_ms)), 1) if self._infer_ms else None,
             "speaking": self._speaking,
         }
@@ -306,6 +314,7 @@ class Session:
                     "generated_fps": current["generated"] - previous["generated"],
                     "dropped": current["repeated"],
                     "lag_ms": current["lag_ms"],
+                    "lag_p95_ms": current["lag_p95_ms"],
                     "inference_ms": current["inference_ms"],
                     "engine": self._scheduler.engine.name,
                 }
