@@ -6,6 +6,11 @@ through the engine, composites each mouth into its session's photo, and hands th
 frames back to the event loop. A job that could no longer finish before it is due is dropped
 instead of run: the session repeats its previous frame and counts the drop, so when the device
 is overloaded lag stays put and only the frame rate of new mouths falls.
+
+When the sessions ask for more frames than the device makes, each session gets an equal share,
+and within a session the frames skipped are spread out (a credit per session, topped up by its
+share with every frame: a frame runs when the credit reaches one), so an overloaded device shows
+as a slightly lower frame rate everywhere, not as some sessions or moments frozen.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ import numpy as np
 from wav2lip.engine import MouthEngine
 
 log = logging.getLogger(__name__)
+
+FPS = 25
+# The share of the device's measured capacity handed out, keeping some in hand for deadlines.
+HEADROOM = 0.9
+BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 
 
 class FrameSink(Protocol):
@@ -67,8 +77,14 @@ class InferenceScheduler:
         self._thread: threading.Thread | None = None
         # Seconds per frame, inference and compositing together: decides what can still make it.
         self.seconds_per_frame = 0.02
+        # The same, measured on full batches only: the device's capacity, which decides each
+        # session's share. (Judged on small batches, an overloaded device would look slower
+        # than it is, hand out smaller shares, get smaller batches, and spiral down.)
+        self.seconds_per_frame_full = 0.0
         self.frames_done = 0
         self.frames_dropped = 0
+        self._credit: dict[FrameSink, float] = {}
+        self._last_submit: dict[FrameSink, float] = {}
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -82,14 +98,53 @@ class InferenceScheduler:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def submit(self, sink: FrameSink, index: int, mel: np.ndarray, due: float) -> None:
+    def submit(self, sink: FrameSink, index: int, mel: np.ndarray, due: float) -> bool:
+        """Queue a frame; False if it is skipped to share an overloaded device evenly."""
+        now = time.monotonic()
         with self._cond:
+            self._last_submit[sink] = now
+            active = sum(1 for t in self._last_submit.values() if now - t < 1.0)
+            cost = self.seconds_per_frame_full or self.seconds_per_frame
+            share = min(1.0, HEADROOM / (cost * FPS * active))
+            credit = self._credit.get(sink, 1.0) + share
+            if credit < 1.0:
+                self._credit[sink] = credit
+                return False
+            self._credit[sink] = min(credit - 1.0, 1.0)
             heapq.heappush(self._heap, FrameJob(due, next(self._seq), sink, index, mel))
             self._cond.notify()
+        return True
+
+    def forget(self, sink: FrameSink) -> None:
+        """A session ended: drop its share and any frames it still has queued."""
+        with self._cond:
+            self._credit.pop(sink, None)
+            self._last_submit.pop(sink, None)
+            self._heap = [job for job in self._heap if job.sink is not sink]
+            heapq.heapify(self._heap)
 
     def pending(self) -> int:
         with self._cond:
             return len(self._heap)
+
+    def _wait_for_batch(self) -> None:
+        """Wait for a full batch, or until the earliest frame cannot wait any longer.
+
+        Frames arrive one at a time, 40 ms apart per session; running each alone would waste
+        the batching that makes a device fast, so the worker waits while the earliest frame's
+        deadline still leaves time for a whole batch.
+        """
+        while not self._stopped:
+            if len(self._heap) >= self.max_batch:
+                return
+            if not self._heap:
+                self._cond.wait()
+                continue
+            batch_time = self.seconds_per_frame * self.max_batch
+            remaining = self._heap[0].due - batch_time - BATCH_MARGIN - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
 
     def _take_batch(self) -> tuple[list[FrameJob], list[FrameJob]]:
         """Earliest-due jobs that can still finish in time, and those that cannot."""
@@ -109,8 +164,7 @@ class InferenceScheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap and not self._stopped:
-                    self._cond.wait()
+                self._wait_for_batch()
                 if self._stopped:
                     return
                 batch, late = self._take_batch()
@@ -133,6 +187,9 @@ class InferenceScheduler:
         frames = [job.sink.compose(mouth) for job, mouth in zip(batch, mouths)]
         per_frame = (time.monotonic() - started) / len(batch)
         self.seconds_per_frame = 0.8 * self.seconds_per_frame + 0.2 * per_frame
+        if len(batch) == self.max_batch:
+            full = self.seconds_per_frame_full or per_frame
+            self.seconds_per_frame_full = 0.8 * full + 0.2 * per_frame
         self.frames_done += len(batch)
         for job, frame in zip(batch, frames):
             self._call(job.sink.deliver, job.index, frame, infer_seconds)

@@ -186,10 +186,8 @@ class Session:
         while int(frame * MEL_PER_VIDEO_FRAME) + MEL_STEP <= available:
             start = int(frame * MEL_PER_VIDEO_FRAME) - self._mel_base
             due = self.clock.due(frame * VIDEO_FRAME_SECONDS)
-            if due > time.monotonic():
-                window = self._mel[:, start : start + MEL_STEP].copy()
-                self._scheduler.submit(self, frame, window, due)
-            else:
+            window = self._mel[:, start : start + MEL_STEP].copy()
+            if due <= time.monotonic() or not self._scheduler.submit(self, frame, window, due):
                 self.dropped += 1
             frame += 1
         self._next_frame = frame
@@ -315,6 +313,7 @@ class Session:
                     "dropped": current["repeated"],
                     "lag_ms": current["lag_ms"],
                     "lag_p95_ms": current["lag_p95_ms"],
+                    "longest_repeat_run": current["longest_repeat_run"],
                     "inference_ms": current["inference_ms"],
                     "engine": self._scheduler.engine.name,
                 }
@@ -345,6 +344,7 @@ class Session:
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
         self._tasks.clear()
         self._ready.clear()
+        self._scheduler.forget(self)
         self.video_track.stop()
         if self.audio_track is not None:
             self.audio_track.stop()

@@ -8,6 +8,7 @@ import ssl
 from aiohttp import web
 
 from rtc_server.manager import ManagerOptions, SessionManager
+from rtc_server.session import JITTER_SECONDS
 from signaling.app import create_app
 from signaling.config import ServerConfig
 from signaling.ice import rtc_configuration
@@ -22,9 +23,11 @@ from wav2lip.weights import GENERATORS, WeightsError, fetch, find_cached
 
 log = logging.getLogger(__name__)
 
-# Beyond the audio a frame needs, the delay covers network jitter and the render itself.
-JITTER_SECONDS = 0.06
-RENDER_BUDGET = {"animator": 0.06, "wav2lip-cuda": 0.08, "wav2lip": 0.25}
+# Beyond the audio a frame needs and the network's jitter, the delay covers the render: a batch
+# must fit in it. On a CPU, batches of two Wav2Lip frames take about 0.1 s.
+RENDER_BUDGET = {"animator": 0.06, "wav2lip-cuda": 0.08, "wav2lip": 0.12}
+CPU_BATCH = 2
+GPU_BATCH = 16
 
 
 def load_engine(config: ServerConfig) -> MouthEngine:
@@ -73,7 +76,7 @@ def build_app(
             delay=delay if delay is not None else default_delay(engine),
             idle_timeout=config.session_idle_timeout,
             bitrate=config.video_bitrate,
-            max_batch=16 if on_gpu else 4,
+            max_batch=GPU_BATCH if on_gpu else CPU_BATCH,
         ),
         lambda: rtc_configuration(config),
     )

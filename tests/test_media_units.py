@@ -143,14 +143,15 @@ class _SlowEngine:
 async def test_scheduler_runs_earliest_due_first_and_drops_what_cannot_make_it() -> None:
     engine = _SlowEngine()
     scheduler = InferenceScheduler(engine, max_batch=2)
-    scheduler.seconds_per_frame = 0.05
     a, b = _Sink(), _Sink()
     now = time.monotonic()
     mel = np.zeros((80, 16), np.float32)
+    scheduler.seconds_per_frame = 0.001  # believed fast: everything is queued...
     for i in range(6):
-        scheduler.submit(a, i, mel, now + 0.12 + 0.04 * i)
-        scheduler.submit(b, i, mel, now + 0.12 + 0.04 * i)
-    scheduler.submit(a, 99, mel, now - 1)  # already late
+        assert scheduler.submit(a, i, mel, now + 0.12 + 0.04 * i)
+        assert scheduler.submit(b, i, mel, now + 0.12 + 0.04 * i)
+    assert scheduler.submit(a, 99, mel, now - 1)  # already late
+    scheduler.seconds_per_frame = 0.05  # ...then found slow
     scheduler.start()
     await asyncio.sleep(0.8)
     scheduler.stop()
@@ -163,3 +164,25 @@ async def test_scheduler_runs_earliest_due_first_and_drops_what_cannot_make_it()
         assert set(sink.delivered).isdisjoint(sink.dropped)
     # Frames of both sessions were served: the shared device is fair by due time.
     assert a.delivered and b.delivered
+
+
+async def test_an_overloaded_device_is_shared_evenly() -> None:
+    """Two sessions asking 25 fps each of a device that makes about 25: each gets about half,
+    with the skipped frames spread out rather than in runs."""
+    engine = _SlowEngine()  # 50 ms a frame: 20 fps
+    scheduler = InferenceScheduler(engine, max_batch=1)
+    scheduler.seconds_per_frame = 0.05
+    a, b = _Sink(), _Sink()
+    accepted = {id(a): [], id(b): []}
+    mel = np.zeros((80, 16), np.float32)
+    start = time.monotonic()
+    for i in range(50):
+        for sink in (a, b):
+            if scheduler.submit(sink, i, mel, start + 10):
+                accepted[id(sink)].append(i)
+    share = 0.9 / (0.05 * 25 * 2)  # HEADROOM over two sessions' demand
+    for frames in accepted.values():
+        assert abs(len(frames) - 50 * share) <= 1
+        assert max(np.diff(frames)) <= 3  # never more than two skipped in a row
+    scheduler.forget(a)
+    assert all(job.sink is b for job in scheduler._heap)
