@@ -16,6 +16,5 @@ fi
 bash scripts/setup.sh
 . .venv/bin/activate
 
-ruff check .
-ruff format --check .
+# The suite includes ruff's lint and format checks (tests/test_style.py).
 python -m pytest -q -rs "$@"

@@ -117,3 +117,9 @@ def test_weights_list_command(tmp_path, argv, capsys, monkeypatch) -> None:
     out = capsys.readouterr().out
     assert str(tmp_path) in out
     assert "wav2lip_gan.pth" in out and "missing" in out
+
+
+def test_weights_fetch_of_an_unknown_model_names_the_known_ones(tmp_path, capsys) -> None:
+    assert main(["weights", "fetch", "nope.pth", "--cache", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.pth" in err and "wav2lip_gan.pth" in err

@@ -12,6 +12,7 @@ Pickles are read with ``weights_only=True``: a checkpoint can never run code on 
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,9 @@ def _is_torchscript(path: Path) -> bool:
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if _is_torchscript(path):
         try:
-            scripted = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript is deprecated; these files use it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scripted = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: unreadable TorchScript archive ({exc})") from exc
         return scripted.state_dict()
