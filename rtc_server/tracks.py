@@ -51,48 +51,56 @@ def _catch_up(clock: SessionClock, index: int, period: float) -> int:
     return index
 
 
-class LipSyncVideoTrack(MediaStreamTrack):
-    kind = "video"
+class _PacedTrack(MediaStreamTrack):
+    """Hands out the index of each `period` of session time when it is due."""
 
-    def __init__(self, clock: SessionClock, source: FrameSource) -> None:
+    period: float
+
+    def __init__(self, clock: SessionClock) -> None:
         super().__init__()
         self._clock = clock
-        self._source = source
         self._index = 0
-        self.sent = 0
+
+    async def _next_index(self) -> int:
+        await self._clock.started.wait()
+        index = _catch_up(self._clock, self._index, self.period)
+        await _wait_until(self._clock.due(index * self.period))
+        self._index = index + 1
+        return index
+
+
+class LipSyncVideoTrack(_PacedTrack):
+    kind = "video"
+    period = VIDEO_FRAME_SECONDS
+
+    def __init__(self, clock: SessionClock, source: FrameSource) -> None:
+        super().__init__(clock)
+        self._source = source
 
     async def recv(self) -> av.VideoFrame:
-        await self._clock.started.wait()
-        index = _catch_up(self._clock, self._index, VIDEO_FRAME_SECONDS)
-        await _wait_until(self._clock.due(index * VIDEO_FRAME_SECONDS))
+        index = await self._next_index()
         frame = self._source.frame_for(index, time.monotonic())
         frame.pts = index * VIDEO_PTS_STEP
         frame.time_base = Fraction(1, VIDEO_CLOCK_RATE)
-        self._index = index + 1
-        self.sent += 1
         return frame
 
 
-class ReturnedAudioTrack(MediaStreamTrack):
+class ReturnedAudioTrack(_PacedTrack):
     """The microphone's audio sent back, delayed exactly as much as the video."""
 
     kind = "audio"
+    period = AUDIO_FRAME_SECONDS
 
     def __init__(self, clock: SessionClock, source: AudioSource) -> None:
-        super().__init__()
-        self._clock = clock
+        super().__init__(clock)
         self._source = source
-        self._index = 0
 
     async def recv(self) -> av.AudioFrame:
-        await self._clock.started.wait()
-        index = _catch_up(self._clock, self._index, AUDIO_FRAME_SECONDS)
-        await _wait_until(self._clock.due(index * AUDIO_FRAME_SECONDS))
+        index = await self._next_index()
         samples = self._source.audio_for(index * AUDIO_FRAME_SAMPLES, AUDIO_FRAME_SAMPLES)
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
         frame.pts = index * AUDIO_FRAME_SAMPLES
         frame.time_base = Fraction(1, AUDIO_RATE)
-        self._index = index + 1
         return frame

@@ -14,6 +14,10 @@ from signaling.cli import main
 from wav2lip.audio import mel_windows, melspectrogram
 
 
+def _render(face: Path, audio: Path, out: Path, *extra: str) -> int:
+    return main(["render", "--face", str(face), "--audio", str(audio), "-o", str(out), *extra])
+
+
 def _probe(path: Path) -> tuple[list[np.ndarray], float, int]:
     """Decoded video frames, the audio's duration in seconds, and the audio sample rate."""
     with av.open(str(path)) as container:
@@ -29,19 +33,8 @@ def test_render_speech_to_mp4(
     tmp_path: Path, faces_dir: Path, speech_wav: Path, speech_16k: np.ndarray, checkpoint_path
 ) -> None:
     out = tmp_path / "out.mp4"
-    code = main(
-        [
-            "render",
-            "--face",
-            str(faces_dir / "obama.jpg"),
-            "--audio",
-            str(speech_wav),
-            "-o",
-            str(out),
-            "--checkpoint",
-            str(checkpoint_path),
-            "-q",
-        ]
+    code = _render(
+        faces_dir / "obama.jpg", speech_wav, out, "--checkpoint", str(checkpoint_path), "-q"
     )
     assert code == 0
     frames, audio_seconds, rate = _probe(out)
@@ -82,18 +75,8 @@ def test_render_errors_are_clear(
 
 
 def test_render_without_checkpoint_says_what_to_do(tmp_path, faces_dir, speech_wav, capsys):
-    code = main(
-        [
-            "render",
-            "--face",
-            str(faces_dir / "obama.jpg"),
-            "--audio",
-            str(speech_wav),
-            "-o",
-            str(tmp_path / "o.mp4"),
-            "--cache",
-            str(tmp_path / "empty-cache"),
-        ]
+    code = _render(
+        faces_dir / "obama.jpg", speech_wav, tmp_path / "o.mp4", "--cache", str(tmp_path / "c")
     )
     assert code == 2
     assert "lipsync weights fetch" in capsys.readouterr().err
