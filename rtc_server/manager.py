@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaBlackhole
+from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
@@ -41,8 +42,8 @@ def _accepts_audio(sdp: str) -> bool:
     """Whether the peer accepts the returned audio; checks it sends audio and receives video."""
     try:
         description = SessionDescription.parse(sdp)
-    except (ValueError, IndexError, KeyError) as exc:
-        raise BadOffer(f"malformed SDP: {exc}") from exc
+    except Exception as exc:  # aiortc's parser fails with many types, asserts among them
+        raise BadOffer(f"malformed SDP: {exc or type(exc).__name__}") from exc
     audio = [m for m in description.media if m.kind == "audio"]
     video = [m for m in description.media if m.kind == "video"]
     if not audio or audio[0].direction not in ("sendrecv", "sendonly"):
@@ -65,6 +66,7 @@ class SessionManager:
         self._rtc_configuration = rtc_configuration
         self.sessions: dict[str, Session] = {}
         self._sinks: dict[str, MediaBlackhole] = {}
+        self._starting = 0  # offers between the limit check and their session's creation
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -76,14 +78,17 @@ class SessionManager:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
         await asyncio.to_thread(self.scheduler.stop)
 
-    async def create(self, sdp: str, kind: str, photo: Photo) -> tuple[Session, str]:
+    async def create(self, sdp: str, photo: Photo) -> tuple[Session, str]:
         """Answer an offer: returns the new session and the answer's SDP."""
-        if kind != "offer":
-            raise BadOffer(f'"type" must be "offer", got {kind!r}')
-        if len(self.sessions) >= self.options.max_sessions:
+        # The slot is taken before the first await: concurrent offers cannot overshoot.
+        if len(self.sessions) + self._starting >= self.options.max_sessions:
             raise SessionsFull(f"all {self.options.max_sessions} sessions are in use")
-        send_audio = _accepts_audio(sdp)
-        face = await asyncio.to_thread(self.engine.prepare, photo.face_input)
+        self._starting += 1
+        try:
+            send_audio = _accepts_audio(sdp)
+            face = await asyncio.to_thread(self.engine.prepare, photo.face_input)
+        finally:
+            self._starting -= 1
         pc = RTCPeerConnection(self._rtc_configuration())
         session = Session(
             uuid.uuid4().hex,
@@ -133,13 +138,14 @@ class SessionManager:
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except (ValueError, AssertionError) as exc:
-            raise BadOffer(f"the offer could not be applied: {exc}") from exc
-        video_sender = pc.addTrack(session.video_track)
-        if session.audio_track is not None:
-            pc.addTrack(session.audio_track)
+            video_sender = pc.addTrack(session.video_track)
+            if session.audio_track is not None:
+                pc.addTrack(session.audio_track)
+            answer = await pc.createAnswer()
+        except (ValueError, AssertionError, InvalidAccessError, OperationError) as exc:
+            raise BadOffer(f"the offer could not be answered: {exc}") from exc
         await sink.start()
-        await pc.setLocalDescription(await pc.createAnswer())
+        await pc.setLocalDescription(answer)
         session.watch()
         return pc.localDescription.sdp
 

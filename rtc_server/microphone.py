@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 _WRAP = 1 << 32  # RTP timestamps are 32-bit
 # During the first second of audio the anchor may still move earlier (see `_index`).
 ANCHOR_FRAMES = 50
+# After that, clock drift between the peer and the server is followed: every DRIFT_FRAMES the
+# earliest arrival relative to its place is brought back to zero, DRIFT_STEP samples at a time,
+# once it is off by more than DRIFT_TOLERANCE.
+DRIFT_FRAMES = 100
+DRIFT_TOLERANCE = SAMPLE_RATE // 50
+DRIFT_STEP = SAMPLE_RATE // 50
 
 
 class Microphone:
@@ -41,7 +47,10 @@ class Microphone:
         self._on_audio = on_audio
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._first_pts: int | None = None
-        self.first_index = 0  # where the peer's first sample landed on the timeline
+        # The timeline index of the peer's first sample: where its audio is anchored. It moves
+        # when the first packet turns out to have been held up, and to follow clock drift.
+        self.first_index = 0
+        self._earliest = 0  # the least (arrival - place) seen in the current drift window
         self._last_pts = 0
         self._unwrapped = 0
         self.last_media = time.monotonic()
@@ -65,7 +74,24 @@ class Microphone:
             # the lag for the whole session.
             self.first_index -= index - arrived
             index = arrived
-        return index
+        return index + self._follow_drift(arrived - index)
+
+    def _follow_drift(self, early_by: int) -> int:
+        """Nudge the anchor when the peer's clock runs fast or slow against ours.
+
+        `early_by` is how long after its place on the timeline a frame arrived. Its least
+        value over a window should be about zero; if it wanders (a sender clock off by 100 ppm
+        drifts 60 ms in ten minutes), the anchor follows, so audio is neither read as silence
+        before it comes nor held back ever longer. Returns the shift applied now.
+        """
+        if self.frames <= ANCHOR_FRAMES:
+            return 0
+        self._earliest = min(self._earliest, early_by) if self.frames % DRIFT_FRAMES else early_by
+        if self.frames % DRIFT_FRAMES != DRIFT_FRAMES - 1 or abs(self._earliest) <= DRIFT_TOLERANCE:
+            return 0
+        shift = max(-DRIFT_STEP, min(DRIFT_STEP, self._earliest))
+        self.first_index += shift
+        return shift
 
     def _place(self, frame: av.AudioFrame) -> int:
         """Write the frame's samples; return the timeline index just past them."""

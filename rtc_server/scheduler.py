@@ -59,6 +59,7 @@ class FrameJob:
     due: float  # time.monotonic() by which the frame must be on its way
     seq: int
     sink: FrameSink = field(compare=False)
+    face: Any = field(compare=False)  # the sink's photo state, held even if the sink closes
     index: int = field(compare=False)
     mel: np.ndarray = field(compare=False)
 
@@ -81,8 +82,6 @@ class InferenceScheduler:
         # session's share. (Judged on small batches, an overloaded device would look slower
         # than it is, hand out smaller shares, get smaller batches, and spiral down.)
         self.seconds_per_frame_full = 0.0
-        self.frames_done = 0
-        self.frames_dropped = 0
         self._credit: dict[FrameSink, float] = {}
         self._last_submit: dict[FrameSink, float] = {}
 
@@ -111,7 +110,8 @@ class InferenceScheduler:
                 self._credit[sink] = credit
                 return False
             self._credit[sink] = min(credit - 1.0, 1.0)
-            heapq.heappush(self._heap, FrameJob(due, next(self._seq), sink, index, mel))
+            job = FrameJob(due, next(self._seq), sink, sink.face, index, mel)
+            heapq.heappush(self._heap, job)
             self._cond.notify()
         return True
 
@@ -147,18 +147,26 @@ class InferenceScheduler:
             self._cond.wait(remaining)
 
     def _take_batch(self) -> tuple[list[FrameJob], list[FrameJob]]:
-        """Earliest-due jobs that can still finish in time, and those that cannot."""
+        """Earliest-due jobs that can still finish in time, and those that cannot.
+
+        A batch finishes all at once, so it grows only while the whole batch would still be
+        done before its earliest frame is due; later jobs wait for the next batch.
+        """
         batch: list[FrameJob] = []
         late: list[FrameJob] = []
         now = time.monotonic()
         while self._heap and len(batch) < self.max_batch:
-            job = heapq.heappop(self._heap)
+            job = self._heap[0]
             if job.sink.closed:
+                heapq.heappop(self._heap)
                 continue
-            if now + self.seconds_per_frame * (len(batch) + 1) > job.due:
-                late.append(job)
+            finish = now + self.seconds_per_frame * (len(batch) + 1)
+            if not batch and finish > job.due:
+                late.append(heapq.heappop(self._heap))
+            elif batch and finish > batch[0].due:
+                break
             else:
-                batch.append(job)
+                batch.append(heapq.heappop(self._heap))
         return batch, late
 
     def _run(self) -> None:
@@ -169,7 +177,6 @@ class InferenceScheduler:
                     return
                 batch, late = self._take_batch()
             for job in late:
-                self.frames_dropped += 1
                 self._call(job.sink.drop, job.index)
             if batch:
                 try:
@@ -181,7 +188,7 @@ class InferenceScheduler:
 
     def _render(self, batch: Sequence[FrameJob]) -> None:
         started = time.monotonic()
-        faces = [job.sink.face for job in batch]
+        faces = [job.face for job in batch]
         mouths = self.engine.infer(faces, np.stack([job.mel for job in batch]))
         infer_seconds = (time.monotonic() - started) / len(batch)
         frames = [job.sink.compose(mouth) for job, mouth in zip(batch, mouths)]
@@ -190,7 +197,6 @@ class InferenceScheduler:
         if len(batch) == self.max_batch:
             full = self.seconds_per_frame_full or per_frame
             self.seconds_per_frame_full = 0.8 * full + 0.2 * per_frame
-        self.frames_done += len(batch)
         for job, frame in zip(batch, frames):
             self._call(job.sink.deliver, job.index, frame, infer_seconds)
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Audio later than this (beyond when it should have arrived) is taken as silence.
 JITTER_SECONDS = 0.06
+MAX_READY = 16  # finished frames waiting for their turn (0.64 s)
 SPEECH_RMS = 0.01  # about -40 dBFS
 SPEECH_HANGOVER = 0.4  # seconds of quiet before speaking counts as stopped
 
@@ -98,7 +99,8 @@ class Session:
         self._sent_upto = 0  # frames below this were sent already; late results are dropped
         self._last_frame = self._to_video_frame(photo.image)
         self._audio_event = asyncio.Event()
-        self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, arrival time)
+        # (end sample, arrival time) of recent microphone frames, for measuring lag.
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=500)
         self._tasks: list[asyncio.Task[None]] = []
         self._microphone: Microphone | None = None
         self._events: RTCDataChannel | None = None
@@ -113,7 +115,7 @@ class Session:
         self.delivered = 0
         self.generated = 0
         self.repeated = 0
-        self.dropped = 0
+        self.skipped = 0  # frames not rendered in time (each shows as a repeat)
         self.longest_repeat_run = 0  # repeats in a row: even degradation keeps this small
         self._repeat_run = 0
         self._lags: deque[float] = deque(maxlen=100)
@@ -121,9 +123,22 @@ class Session:
 
     # -- wiring ---------------------------------------------------------------------------
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a part of the session; if it fails, log why and end the session, so nothing
+        is left half-working."""
+        task = asyncio.create_task(work, name=f"{name}-{self.id}")
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None or self.closed:
+            return
+        log.error("session %s: %s failed", self.id, task.get_name(), exc_info=task.exception())
+        self._closing = asyncio.create_task(self.close())
+
     def watch(self) -> None:
         """End the session if no media comes, even if the connection never comes up."""
-        self._tasks.append(asyncio.create_task(self._watch_idle(), name=f"idle-{self.id}"))
+        self._spawn(self._watch_idle(), "idle")
 
     def start(self, video_sender: RTCRtpSender) -> None:
         """Begin once the connection is up: the clock, frame production and stats."""
@@ -131,14 +146,12 @@ class Session:
             return
         self.clock.start()
         self._video_sender = video_sender
-        self._tasks += [
-            asyncio.create_task(self._produce(), name=f"produce-{self.id}"),
-            asyncio.create_task(self._report(), name=f"report-{self.id}"),
-        ]
+        self._spawn(self._produce(), "produce")
+        self._spawn(self._report(), "report")
 
     def attach_microphone(self, track: MediaStreamTrack) -> None:
         self._microphone = Microphone(track, self._timeline, self._audio_time, self._on_audio)
-        self._tasks.append(asyncio.create_task(self._microphone.run(), name=f"mic-{self.id}"))
+        self._spawn(self._microphone.run(), "microphone")
 
     def attach_events(self, channel: RTCDataChannel) -> None:
         self._events = channel
@@ -188,7 +201,7 @@ class Session:
             due = self.clock.due(frame * VIDEO_FRAME_SECONDS)
             window = self._mel[:, start : start + MEL_STEP].copy()
             if due <= time.monotonic() or not self._scheduler.submit(self, frame, window, due):
-                self.dropped += 1
+                self.skipped += 1
             frame += 1
         self._next_frame = frame
         keep = int(frame * MEL_PER_VIDEO_FRAME) - self._mel_base
@@ -217,13 +230,17 @@ class Session:
         return self._to_video_frame(self._blender.paste(self._photo.image, mouth))
 
     def deliver(self, index: int, frame: av.VideoFrame, infer_seconds: float) -> None:
-        self.generated += 1
         self._infer_ms.append(infer_seconds * 1000)
-        if index >= self._sent_upto:
-            self._ready[index] = frame
+        if index < self._sent_upto:  # too late: its slot went out as a repeat
+            self.skipped += 1
+            return
+        self.generated += 1
+        self._ready[index] = frame
+        while len(self._ready) > MAX_READY:  # the sender stopped pulling: keep the newest
+            del self._ready[min(self._ready)]
 
     def drop(self, index: int) -> None:
-        self.dropped += 1
+        self.skipped += 1
 
     @staticmethod
     def _to_video_frame(image: np.ndarray) -> av.VideoFrame:
@@ -286,7 +303,7 @@ class Session:
             "delivered": self.delivered,
             "generated": self.generated,
             "repeated": self.repeated,
-            "dropped": self.dropped,
+            "skipped": self.skipped,
             "lag_ms": round(lags[len(lags) // 2] * 1000) if lags else None,
             "lag_p95_ms": round(p95 * 1000) if p95 is not None else None,
             "longest_repeat_run": self.longest_repeat_run,
@@ -329,7 +346,7 @@ class Session:
                 log.info(
                     "session %s: no media for %.0f s, closing", self.id, time.monotonic() - last
                 )
-                self._closing = asyncio.create_task(self.close())
+                await self.close()
                 return
 
     async def close(self) -> None:
@@ -337,17 +354,19 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
+        try:
+            current = asyncio.current_task()
+            others = [task for task in self._tasks if task is not current]
+            for task in others:
                 task.cancel()
-        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
-        self._tasks.clear()
-        self._ready.clear()
-        self._scheduler.forget(self)
-        self.video_track.stop()
-        if self.audio_track is not None:
-            self.audio_track.stop()
-        await self.pc.close()
-        self.face = None
-        await self._on_closed(self)
+            await asyncio.gather(*others, return_exceptions=True)
+            self._tasks.clear()
+            self._ready.clear()
+            self._scheduler.forget(self)
+            self.video_track.stop()
+            if self.audio_track is not None:
+                self.audio_track.stop()
+            self.face = None
+            await self.pc.close()
+        finally:
+            await self._on_closed(self)

@@ -67,6 +67,12 @@ def default_delay(engine: MouthEngine) -> float:
 def build_app(
     config: ServerConfig, engine: MouthEngine | None = None, delay: float | None = None
 ) -> web.Application:
+    least = LOOKAHEAD_SECONDS + JITTER_SECONDS
+    if delay is not None and delay <= least:
+        raise ValueError(
+            f"--delay must be more than {least:.4f} s: Wav2Lip's mel window needs "
+            f"{LOOKAHEAD_SECONDS} s of audio beyond each frame, plus {JITTER_SECONDS} s for jitter"
+        )
     engine = engine if engine is not None else load_engine(config)
     on_gpu = isinstance(engine, Engine) and engine.device.type != "cpu"
     manager = SessionManager(

@@ -9,11 +9,10 @@ from aiohttp import web
 
 from rtc_server.manager import BadOffer, SessionManager, SessionsFull
 from rtc_server.session import Photo
-from signaling.avatars import AVATARS
+from signaling.avatars import AVATARS, DEFAULT_ID
 from signaling.errors import ApiError, error_response
 
 SESSIONS = web.AppKey("sessions", SessionManager)
-DEFAULT_AVATAR = "default"
 RETRY_AFTER_SECONDS = 10
 
 routes = web.RouteTableDef()
@@ -30,7 +29,7 @@ async def _offer(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "bad_offer", '"sdp" must be the offer\'s SDP text')
     if body.get("type") != "offer":
         raise ApiError(400, "bad_offer", '"type" must be "offer"')
-    avatar = body.get("avatar", DEFAULT_AVATAR)
+    avatar = body.get("avatar", DEFAULT_ID)
     if not isinstance(avatar, str):
         raise ApiError(400, "bad_avatar", '"avatar" must be an avatar id string')
     return body
@@ -39,7 +38,7 @@ async def _offer(request: web.Request) -> dict[str, Any]:
 @routes.post("/api/sessions")
 async def create_session(request: web.Request) -> web.Response:
     body = await _offer(request)
-    avatar_id = body.get("avatar", DEFAULT_AVATAR)
+    avatar_id = body.get("avatar", DEFAULT_ID)
     avatar = request.app[AVATARS].get(avatar_id)
     if avatar is None:
         raise ApiError(
@@ -47,7 +46,7 @@ async def create_session(request: web.Request) -> web.Response:
         )
     photo = Photo(avatar.image, avatar.box, avatar.face_input)
     try:
-        session, answer = await request.app[SESSIONS].create(body["sdp"], "offer", photo)
+        session, answer = await request.app[SESSIONS].create(body["sdp"], photo)
     except SessionsFull as exc:
         return error_response(
             503,

@@ -57,6 +57,7 @@ async def test_bad_session_requests(server) -> None:
             (dict(body={"type": "offer"}), 400),
             (dict(body={"sdp": sdp, "type": "answer"}), 400),
             (dict(body={"sdp": "v=0\r\nthis is not sdp", "type": "offer"}), 400),
+            (dict(body={"sdp": "v=0\r\nm=audio x", "type": "offer"}), 400),
             (dict(body={"sdp": sdp, "type": "offer", "avatar": "nope"}), 404),
             (dict(body={"sdp": sdp, "type": "offer", "avatar": 7}), 400),
         ]
@@ -146,3 +147,21 @@ async def test_closing_the_connection_ends_the_session(server) -> None:
                 break
             await asyncio.sleep(0.1)
         assert not manager.sessions and session.closed
+
+
+async def test_concurrent_offers_never_exceed_the_limit(server) -> None:
+    offers = [await _offer() for _ in range(5)]
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(
+            *(_post(http, server, body={"sdp": sdp, "type": "offer"}) for _, sdp in offers)
+        )
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses == [201, 503, 503, 503, 503]
+        assert len(server.app[SESSIONS].sessions) == 1
+    for pc, _ in offers:
+        await pc.close()
+
+
+def test_a_delay_too_short_for_the_audio_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="--delay must be more than 0.2725"):
+        build_app(ServerConfig(offline=True), engine=Animator(), delay=0.2)

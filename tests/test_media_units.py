@@ -186,3 +186,17 @@ async def test_an_overloaded_device_is_shared_evenly() -> None:
         assert max(np.diff(frames)) <= 3  # never more than two skipped in a row
     scheduler.forget(a)
     assert all(job.sink is b for job in scheduler._heap)
+
+
+async def test_microphone_follows_a_drifting_sender_clock() -> None:
+    """A sender whose clock runs 1% slow: its frames arrive ever later than their stamps say.
+    Without correction the audio would be read as silence before it comes; with it, the
+    placement stays within a frame or two of arrival."""
+    frames = 600
+    stamps = [i * 960 for i in range(frames)]
+    arrivals = iter([0.0] + [i * 0.02 * 1.01 for i in range(frames)])
+    _, microphone, ends = await _run_microphone(stamps, lambda: next(arrivals))
+    arrived_end = (frames - 1) * 0.02 * 1.01 * 16000 + 320
+    assert abs(ends[-1] - arrived_end) <= 2 * 320
+    # Uncorrected, the last frame would sit 1% of 12 s = 120 ms before its arrival.
+    assert microphone.first_index > 1000
