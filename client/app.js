@@ -133,17 +133,19 @@ async function startCall() {
     else say({ text: "Connecting to the server…" });
   });
   current.addEventListener("video", ({ detail }) => {
+    if (!isCurrent()) return;
     ui.video.srcObject = detail.stream;
     figures.watch(ui.video);
     figures.activate();
   });
   current.addEventListener("audio", ({ detail }) => {
+    if (!isCurrent()) return;
     ui.audio.srcObject = detail.stream;
     applyHearing();
   });
   current.addEventListener("connection", ({ detail }) => isCurrent() && onConnection(detail.state));
-  current.addEventListener("stats", ({ detail }) => figures.update(detail));
-  current.addEventListener("speaking", ({ detail }) => figures.setSpeaking(detail.speaking));
+  current.addEventListener("stats", ({ detail }) => isCurrent() && figures.update(detail));
+  current.addEventListener("speaking", ({ detail }) => isCurrent() && figures.setSpeaking(detail.speaking));
   current.addEventListener("ended", ({ detail }) => {
     if (!isCurrent()) return;
     fail(detail.reason === "server" ? CONNECTION.serverEnded : CONNECTION.microphoneEnded, { retry: true });

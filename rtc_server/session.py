@@ -30,7 +30,14 @@ from rtc_server.microphone import Microphone
 from rtc_server.scheduler import InferenceScheduler
 from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
 from rtc_server.tracks import LipSyncVideoTrack, ReturnedAudioTrack
-from wav2lip.audio import HOP, MEL_PER_VIDEO_FRAME, MEL_STEP, N_FFT, MelStream
+from wav2lip.audio import (
+    MEL_STEP,
+    N_MELS,
+    SAMPLES_PER_VIDEO_FRAME,
+    MelStream,
+    samples_needed,
+    window_start,
+)
 from wav2lip.blend import Blender
 from wav2lip.faces import FaceBox
 
@@ -41,12 +48,6 @@ JITTER_SECONDS = 0.06
 MAX_READY = 16  # finished frames waiting for their turn (0.64 s)
 SPEECH_RMS = 0.01  # about -40 dBFS
 SPEECH_HANGOVER = 0.4  # seconds of quiet before speaking counts as stopped
-
-
-def samples_needed(frame: int) -> int:
-    """Samples of audio video frame `frame` needs before its mel window is final."""
-    last_mel = int(frame * MEL_PER_VIDEO_FRAME) + MEL_STEP - 1
-    return last_mel * HOP + N_FFT // 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Session:
         readers = ("mel", "out") if options.send_audio else ("mel",)
         self._timeline = AudioTimeline(readers)
         self._mel_stream = MelStream()
-        self._mel = np.zeros((80, 0), dtype=np.float32)
+        self._mel = np.zeros((N_MELS, 0), dtype=np.float32)
         self._mel_base = 0  # mel frame index of self._mel[:, 0]
         self._next_frame = 0  # next video frame to submit
         self._ready: dict[int, av.VideoFrame] = {}
@@ -196,15 +197,15 @@ class Session:
     def _submit_ready(self) -> None:
         available = self._mel_base + self._mel.shape[1]
         frame = self._next_frame
-        while int(frame * MEL_PER_VIDEO_FRAME) + MEL_STEP <= available:
-            start = int(frame * MEL_PER_VIDEO_FRAME) - self._mel_base
+        while window_start(frame) + MEL_STEP <= available:
+            start = window_start(frame) - self._mel_base
             due = self.clock.due(frame * VIDEO_FRAME_SECONDS)
             window = self._mel[:, start : start + MEL_STEP].copy()
             if due <= time.monotonic() or not self._scheduler.submit(self, frame, window, due):
                 self.skipped += 1
             frame += 1
         self._next_frame = frame
-        keep = int(frame * MEL_PER_VIDEO_FRAME) - self._mel_base
+        keep = window_start(frame) - self._mel_base
         if keep > 0:
             self._mel = self._mel[:, keep:]
             self._mel_base += keep
@@ -263,7 +264,7 @@ class Session:
             self._repeat_run = 0
             self._last_frame = frame
         self.delivered += 1
-        self._lags.append(sent_at - self._arrival_of(index * SAMPLE_RATE // 25))
+        self._lags.append(sent_at - self._arrival_of(index * SAMPLES_PER_VIDEO_FRAME))
         self._apply_bitrate()
         return frame
 

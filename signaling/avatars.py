@@ -41,6 +41,8 @@ MIN_SIDE = 64
 # Room for the boundaries and part headers of a multipart form around the photo itself.
 MULTIPART_OVERHEAD = 64 * 1024
 
+OCTET_STREAM = "application/octet-stream"
+
 FaceFinder = Callable[[np.ndarray], FaceBox]
 
 routes = web.RouteTableDef()
@@ -243,7 +245,8 @@ async def _read_upload(request: web.Request, limit: int) -> bytes | IO[bytes]:
     """The photo from the raw body or the form field `image`, reading at most about `limit`
     bytes: a declared larger body is refused unread, an undeclared one when it passes it."""
     multipart = request.content_type == "multipart/form-data"
-    if not multipart and request.content_type not in IMAGE_TYPES:
+    # Files with no known type come as application/octet-stream; the bytes decide anyway.
+    if not multipart and request.content_type not in (*IMAGE_TYPES, OCTET_STREAM):
         raise ApiError(
             415,
             "unsupported_type",

@@ -25,31 +25,18 @@ def _box(text: str) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-def find_checkpoint(explicit: Path | None, cache: Path | None) -> Path | None:
-    """The checkpoint to use: the explicit one, else a verified generator in the cache."""
-    from wav2lip.weights import GENERATORS, find_cached
-
-    if explicit is not None:
-        return explicit
-    for name in GENERATORS:
-        path = find_cached(name, cache)
-        if path is not None:
-            return path
-    return None
-
-
 def _render(args: argparse.Namespace) -> None:
     from wav2lip.blend import first_face_row
     from wav2lip.checkpoint import load_checkpoint
     from wav2lip.engine import Engine
     from wav2lip.faces import FaceBox
     from wav2lip.render import render
-    from wav2lip.weights import DETECTOR, find_cached
+    from wav2lip.weights import DETECTOR, find_cached, find_generator
 
     for label, path in (("photo", args.face), ("audio", args.audio)):
         if not path.is_file():
             raise UsageError(f"{label} not found: {path}")
-    checkpoint = find_checkpoint(args.checkpoint, args.cache)
+    checkpoint = args.checkpoint or find_generator(args.cache)
     if checkpoint is None:
         raise UsageError(
             "no Wav2Lip checkpoint: pass --checkpoint PATH or run `lipsync weights fetch`"

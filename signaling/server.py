@@ -19,7 +19,7 @@ from wav2lip.audio import LOOKAHEAD_SECONDS
 from wav2lip.blend import first_face_row
 from wav2lip.checkpoint import load_checkpoint
 from wav2lip.engine import Engine, MouthEngine
-from wav2lip.weights import GENERATORS, WeightsError, fetch, find_cached
+from wav2lip.weights import GENERATORS, WeightsError, fetch, find_generator
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,7 @@ GPU_BATCH = 16
 def load_engine(config: ServerConfig) -> MouthEngine:
     """Wav2Lip when weights can be had (explicit, cached, or fetched unless offline); the
     built-in animator otherwise, which needs no weights and says so in /api/health."""
-    checkpoint = config.checkpoint
-    if checkpoint is None:
-        checkpoint = next(
-            (p for p in (find_cached(n, config.cache) for n in GENERATORS) if p), None
-        )
+    checkpoint = config.checkpoint or find_generator(config.cache)
     if checkpoint is None and not config.offline:
         try:
             checkpoint = fetch(GENERATORS[0], cache=config.cache)

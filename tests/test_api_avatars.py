@@ -150,6 +150,11 @@ async def test_type_comes_from_the_bytes(client: TestClient, faces_dir: Path) ->
     )
     assert mislabelled.status == 201, await mislabelled.text()
     check_avatar(await mislabelled.json())
+    # A file the browser has no type for arrives as application/octet-stream.
+    untyped = await client.post(
+        "/api/avatars", data=png_bytes(photo), headers={"Content-Type": "application/octet-stream"}
+    )
+    assert untyped.status == 201, await untyped.text()
 
 
 @shared_server

@@ -163,5 +163,5 @@ async def test_concurrent_offers_never_exceed_the_limit(server) -> None:
 
 
 def test_a_delay_too_short_for_the_audio_window_is_refused() -> None:
-    with pytest.raises(ValueError, match="--delay must be more than 0.2725"):
+    with pytest.raises(ValueError, match=r"--delay must be more than 0\.2725"):
         build_app(ServerConfig(offline=True), engine=Animator(), delay=0.2)

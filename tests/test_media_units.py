@@ -13,9 +13,8 @@ from aiortc.mediastreams import MediaStreamError
 
 from rtc_server.microphone import Microphone
 from rtc_server.scheduler import InferenceScheduler
-from rtc_server.session import samples_needed
 from rtc_server.timeline import AudioTimeline
-from wav2lip.audio import melspectrogram
+from wav2lip.audio import melspectrogram, samples_needed
 
 
 def test_timeline_places_by_index_and_reads_holes_as_silence() -> None:

@@ -16,6 +16,8 @@ import librosa
 import numpy as np
 
 from wav2lip.audio import MAX_ABS, MEL_STEP, MIN_LEVEL_DB, N_MELS
+from wav2lip.blend import smoothstep
+from wav2lip.faces import face_crop
 
 SIZE = 96
 
@@ -51,12 +53,6 @@ INTERIOR_SHADE = 0.3  # the interior's colour: the mouth region's mean colour da
 TOP = SEAM_RANGE[0] - NOSE  # rows above this are never touched
 
 
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    """0 at `edge0`, 1 at `edge1` (either order), smooth in between; exact at both ends."""
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
 def _speech_bands() -> np.ndarray:
     """Which of the 80 Slaney mel bands (55-7600 Hz) are centred in the speech range."""
     centres = librosa.mel_frequencies(N_MELS + 2, fmin=55, fmax=7600)[1:-1]
@@ -76,7 +72,7 @@ def mouth_opening(mels: np.ndarray) -> np.ndarray:
     # Undo the normalisation to dB of magnitude (-100 is silence), then average power.
     db = (mels[:, SPEECH_BANDS] + MAX_ABS) * (-MIN_LEVEL_DB / (2 * MAX_ABS)) + MIN_LEVEL_DB
     level = 10.0 * np.log10(np.power(10.0, db / 10.0).mean(axis=1))
-    return _smoothstep(QUIET_DB, LOUD_DB, level) @ FRAME_WEIGHTS
+    return smoothstep(QUIET_DB, LOUD_DB, level) @ FRAME_WEIGHTS
 
 
 def find_seam(crop: np.ndarray) -> float:
@@ -112,20 +108,20 @@ class Animator:
         """Take the whole crop from the (6, 96, 96) model input and build its warp once."""
         if face_input.shape != (6, SIZE, SIZE):
             raise ValueError(f"expected a (6, {SIZE}, {SIZE}) face input, got {face_input.shape}")
-        crop = np.rint(face_input[3:].transpose(1, 2, 0) * 255.0).astype(np.uint8)
+        crop = face_crop(face_input)
         seam = find_seam(crop)
         y = np.arange(TOP, SIZE, dtype=np.float64)[:, None]
         dx = np.abs(np.arange(SIZE, dtype=np.float64) - MOUTH_COL)
         # The gap between the lips is an ellipse: its height across columns is this profile.
         gap = np.sqrt(np.clip(1.0 - (dx / GAP_HALF_WIDTH) ** 2, 0.0, None))
-        jaw = _smoothstep(JAW_EDGE, JAW_FLAT, dx)
+        jaw = smoothstep(JAW_EDGE, JAW_FLAT, dx)
         below = y >= seam
         # Below the seam the lower lip drops rigidly where the gap opens and the cheeks beside
         # it stretch smoothly; above, the upper lip rises. Both fade out before the nose, the
         # crop's sides and its bottom row. Offsets are positive where a pixel moves down.
-        lower = gap * below + (jaw - gap) * _smoothstep(seam, seam + CHEEK_RAMP, y)
-        lower *= _smoothstep(SIZE - 1, CHIN_MARGIN, y)
-        upper = gap * ~below * _smoothstep(seam - NOSE, seam - UPPER_LIP, y)
+        lower = gap * below + (jaw - gap) * smoothstep(seam, seam + CHEEK_RAMP, y)
+        lower *= smoothstep(SIZE - 1, CHIN_MARGIN, y)
+        upper = gap * ~below * smoothstep(seam - NOSE, seam - UPPER_LIP, y)
         field = lower - (LIFT / DROP) * upper
         mouth = crop[round(seam) - 4 : round(seam) + 5, MOUTH_COL - 8 : MOUTH_COL + 9]
         interior = INTERIOR_SHADE * mouth.reshape(-1, 3).mean(axis=0)

@@ -125,9 +125,19 @@ class MelStream:
         return mel
 
 
+def window_start(frame: int) -> int:
+    """The first mel frame of video frame `frame`'s window (the official rule)."""
+    return int(frame * MEL_PER_VIDEO_FRAME)
+
+
+def samples_needed(frame: int) -> int:
+    """Samples of audio video frame `frame` needs before its whole mel window is final."""
+    return (window_start(frame) + MEL_STEP - 1) * HOP + N_FFT // 2
+
+
 def mel_window(mel: np.ndarray, frame: int) -> np.ndarray:
     """The official inference's mel window for video frame `frame`: (80, 16)."""
-    start = int(frame * MEL_PER_VIDEO_FRAME)
+    start = window_start(frame)
     if start + MEL_STEP > mel.shape[1]:
         return mel[:, mel.shape[1] - MEL_STEP :]
     return mel[:, start : start + MEL_STEP]
@@ -142,7 +152,7 @@ def mel_windows(mel: np.ndarray) -> Iterator[np.ndarray]:
             f"({(MEL_STEP - 1) * HOP / SAMPLE_RATE:.2f} s), got {mel.shape[1]}"
         )
     frame = 0
-    while int(frame * MEL_PER_VIDEO_FRAME) + MEL_STEP <= mel.shape[1]:
+    while window_start(frame) + MEL_STEP <= mel.shape[1]:
         yield mel_window(mel, frame)
         frame += 1
     yield mel[:, mel.shape[1] - MEL_STEP :]

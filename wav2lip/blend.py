@@ -36,7 +36,7 @@ def first_face_row(mode: str, size: int = 96) -> int:
     return 0 if mode == "hard" else int(_RISE_TOP[0] * size) - 2
 
 
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
+def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     """0 at `edge0`, 1 at `edge1` (either order), smooth in between; exact at both ends."""
     t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -49,8 +49,8 @@ def feather_mask(width: int, height: int) -> np.ndarray:
     """
     v = np.linspace(0.0, 1.0, height)
     u = np.linspace(0.0, 1.0, width)
-    rows = _smoothstep(*_RISE_TOP, v) * _smoothstep(_FALL_BOTTOM[1], _FALL_BOTTOM[0], v)
-    cols = _smoothstep(0.0, _SIDE, u) * _smoothstep(1.0, 1.0 - _SIDE, u)
+    rows = smoothstep(*_RISE_TOP, v) * smoothstep(_FALL_BOTTOM[1], _FALL_BOTTOM[0], v)
+    cols = smoothstep(0.0, _SIDE, u) * smoothstep(1.0, 1.0 - _SIDE, u)
     return np.outer(rows, cols).astype(np.float32)
 
 

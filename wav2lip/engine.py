@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wav2lip.faces import face_crop
 from wav2lip.model import Wav2Lip
 
 
@@ -146,8 +147,7 @@ class Engine:
     def prepare(self, face_input: np.ndarray) -> PreparedFace:
         """Encode the model input of a photo, (6, 96, 96) float in [0, 1], once."""
         faces = torch.from_numpy(face_input[None]).to(self.device, self.dtype)
-        crop = np.rint(face_input[3:].transpose(1, 2, 0) * 255).astype(np.uint8)
-        return PreparedFace(self.model.encode_face(faces), crop)
+        return PreparedFace(self.model.encode_face(faces), face_crop(face_input))
 
     @torch.inference_mode()
     def infer(self, face: PreparedFace | Sequence[PreparedFace], mels: np.ndarray) -> np.ndarray:

@@ -263,3 +263,8 @@ def model_input(image: np.ndarray, box: FaceBox, size: int = 96) -> np.ndarray:
     stacked = np.concatenate([masked, face], axis=2).transpose(2, 0, 1)
     # Divided in float64 and then narrowed, as official inference does.
     return (stacked / 255.0).astype(np.float32)
+
+
+def face_crop(face_input: np.ndarray) -> np.ndarray:
+    """The unmasked face of a model input, back as the (96, 96, 3) uint8 BGR crop."""
+    return np.rint(face_input[3:].transpose(1, 2, 0) * 255.0).astype(np.uint8)

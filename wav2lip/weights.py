@@ -280,3 +280,12 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, WeightsError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def find_generator(cache: str | Path | None = None) -> Path | None:
+    """The preferred Wav2Lip generator that is cached and verified, if any."""
+    for name in GENERATORS:
+        path = find_cached(name, cache)
+        if path is not None:
+            return path
+    return None
