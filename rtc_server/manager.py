@@ -31,11 +31,11 @@ class BadOffer(ValueError):
 
 @dataclass(frozen=True)
 class ManagerOptions:
-    max_sessions: int = 4
-    delay: float = 0.35
-    idle_timeout: float = 30.0
-    bitrate: int = 1_500_000
-    max_batch: int = 4
+    max_sessions: int
+    delay: float
+    idle_timeout: float
+    bitrate: int
+    max_batch: int
 
 
 def _accepts_audio(sdp: str) -> bool:

@@ -50,10 +50,11 @@ class AudioTimeline:
         start = self._positions[reader]
         if end <= start:
             return np.zeros(0, dtype=np.float32)
+        # Readers never fall behind _base (it trails the slowest one), so `have` starts at
+        # `start`; it may stop short of `end`, and the rest is silence.
         out = np.zeros(end - start, dtype=np.float32)
-        have = self._data[max(0, start - self._base) : max(0, end - self._base)]
-        offset = max(0, self._base - start)
-        out[offset : offset + len(have)] = have
+        have = self._data[start - self._base : end - self._base]
+        out[: len(have)] = have
         self._positions[reader] = end
         self._trim()
         return out

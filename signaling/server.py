@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Beyond the audio a frame needs and the network's jitter, the delay covers the render: a batch
 # must fit in it. On a CPU, batches of two Wav2Lip frames take about 0.1 s.
-RENDER_BUDGET = {"animator": 0.06, "wav2lip-cuda": 0.08, "wav2lip": 0.12}
+RENDER_BUDGET = {"animator": 0.06, "wav2lip-gpu": 0.08, "wav2lip": 0.12}
 CPU_BATCH = 2
 GPU_BATCH = 16
 
@@ -52,11 +52,14 @@ def load_engine(config: ServerConfig) -> MouthEngine:
     )
 
 
+def _on_gpu(engine: MouthEngine) -> bool:
+    """Wav2Lip on CUDA or Apple's MPS: batches are cheap there."""
+    return isinstance(engine, Engine) and engine.device.type != "cpu"
+
+
 def default_delay(engine: MouthEngine) -> float:
     """Seconds from a sound's arrival to the frame that shows it leaving the server."""
-    key = engine.name
-    if isinstance(engine, Engine) and engine.device.type == "cuda":
-        key = "wav2lip-cuda"
+    key = f"{engine.name}-gpu" if _on_gpu(engine) else engine.name
     return LOOKAHEAD_SECONDS + JITTER_SECONDS + RENDER_BUDGET[key]
 
 
@@ -70,7 +73,6 @@ def build_app(
             f"{LOOKAHEAD_SECONDS} s of audio beyond each frame, plus {JITTER_SECONDS} s for jitter"
         )
     engine = engine if engine is not None else load_engine(config)
-    on_gpu = isinstance(engine, Engine) and engine.device.type != "cpu"
     manager = SessionManager(
         engine,
         ManagerOptions(
@@ -78,7 +80,7 @@ def build_app(
             delay=delay if delay is not None else default_delay(engine),
             idle_timeout=config.session_idle_timeout,
             bitrate=config.video_bitrate,
-            max_batch=GPU_BATCH if on_gpu else CPU_BATCH,
+            max_batch=GPU_BATCH if _on_gpu(engine) else CPU_BATCH,
         ),
         lambda: rtc_configuration(config),
     )

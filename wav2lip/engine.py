@@ -1,7 +1,7 @@
 """Batched Wav2Lip inference for still photos.
 
-A photo is prepared once: the face is found and cropped, and the face encoder's features are
-computed, since for a still photo they never change. Each frame then costs only the audio
+A photo is prepared once: the face encoder's features of its model input are computed, since
+for a still photo they never change. Each frame then costs only the audio
 encoder and the decoder. BatchNorm is folded into the convolutions before any of this, which
 changes nothing but the arithmetic's rounding.
 """
