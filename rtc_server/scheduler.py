@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 FPS = 25
 # The share of the device's measured capacity handed out, keeping some in hand for deadlines.
 HEADROOM = 0.9
+WARM_UP_RUNS = 5
 BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 
 
@@ -76,12 +77,13 @@ class InferenceScheduler:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # Seconds per frame, inference and compositing together: decides what can still make it.
+        # Seconds per frame in full batches, inference and compositing together: the device's
+        # capacity. It decides what can still make its time, how long to wait to fill a
+        # batch, and each session's share. Measured at start (`_warm_up`) and on every full
+        # batch, never on smaller ones: a single frame costs far more than its share of a
+        # batch, and judged on those an overloaded device would look slower than it is, wait
+        # less to batch, get smaller batches, and spiral down.
         self.seconds_per_frame = 0.02
-        # The same, measured on full batches only: the device's capacity, which decides each
-        # session's share. (Judged on small batches, an overloaded device would look slower
-        # than it is, hand out smaller shares, get smaller batches, and spiral down.)
-        self.seconds_per_frame_full = 0.0
         self._credit: dict[FrameSink, float] = {}
         self._last_submit: dict[FrameSink, float] = {}
 
@@ -103,8 +105,7 @@ class InferenceScheduler:
         with self._cond:
             self._last_submit[sink] = now
             active = sum(1 for t in self._last_submit.values() if now - t < 1.0)
-            cost = self.seconds_per_frame_full or self.seconds_per_frame
-            share = min(1.0, HEADROOM / (cost * FPS * active))
+            share = min(1.0, HEADROOM / (self.seconds_per_frame * FPS * active))
             credit = self._credit.get(sink, 1.0) + share
             if credit < 1.0:
                 self._credit[sink] = credit
@@ -169,7 +170,22 @@ class InferenceScheduler:
                 batch.append(heapq.heappop(self._heap))
         return batch, late
 
+    def _warm_up(self) -> None:
+        """Measure a full batch: the best of a few runs, after one that pays one-off costs."""
+        face = self.engine.prepare(np.zeros((6, 96, 96), np.float32))
+        mels = np.zeros((self.max_batch, 80, 16), np.float32)
+        self.engine.infer(face, mels)
+        best = float("inf")
+        for _ in range(WARM_UP_RUNS):
+            started = time.monotonic()
+            self.engine.infer(face, mels)
+            best = min(best, time.monotonic() - started)
+        self.seconds_per_frame = best / self.max_batch
+        log.info("%s: %.1f ms a frame in batches of %d", self.engine.name,
+                 self.seconds_per_frame * 1000, self.max_batch)  # fmt: skip
+
     def _run(self) -> None:
+        self._warm_up()
         while True:
             with self._cond:
                 self._wait_for_batch()
@@ -193,10 +209,8 @@ class InferenceScheduler:
         infer_seconds = (time.monotonic() - started) / len(batch)
         frames = [job.sink.compose(mouth) for job, mouth in zip(batch, mouths)]
         per_frame = (time.monotonic() - started) / len(batch)
-        self.seconds_per_frame = 0.8 * self.seconds_per_frame + 0.2 * per_frame
         if len(batch) == self.max_batch:
-            full = self.seconds_per_frame_full or per_frame
-            self.seconds_per_frame_full = 0.8 * full + 0.2 * per_frame
+            self.seconds_per_frame = 0.8 * self.seconds_per_frame + 0.2 * per_frame
         for job, frame in zip(batch, frames):
             self._call(job.sink.deliver, job.index, frame, infer_seconds)
 

@@ -142,16 +142,20 @@ class _SlowEngine:
 async def test_scheduler_runs_earliest_due_first_and_drops_what_cannot_make_it() -> None:
     engine = _SlowEngine()
     scheduler = InferenceScheduler(engine, max_batch=2)
-    a, b = _Sink(), _Sink()
-    now = time.monotonic()
-    mel = np.zeros((80, 16), np.float32)
-    scheduler.seconds_per_frame = 0.001  # believed fast: everything is queued...
-    for i in range(6):
-        assert scheduler.submit(a, i, mel, now + 0.12 + 0.04 * i)
-        assert scheduler.submit(b, i, mel, now + 0.12 + 0.04 * i)
-    assert scheduler.submit(a, 99, mel, now - 1)  # already late
-    scheduler.seconds_per_frame = 0.05  # ...then found slow
     scheduler.start()
+    await asyncio.sleep(0.8)  # the warm-up measures 50 ms a frame
+    assert scheduler.seconds_per_frame == pytest.approx(0.05, abs=0.01)
+    engine.batches.clear()
+    a, b = _Sink(), _Sink()
+    mel = np.zeros((80, 16), np.float32)
+    with scheduler._cond:  # the worker waits while the queue is filled
+        now = time.monotonic()
+        scheduler.seconds_per_frame = 0.001  # believed fast: everything is queued...
+        for i in range(6):
+            assert scheduler.submit(a, i, mel, now + 0.12 + 0.04 * i)
+            assert scheduler.submit(b, i, mel, now + 0.12 + 0.04 * i)
+        assert scheduler.submit(a, 99, mel, now - 1)  # already late
+        scheduler.seconds_per_frame = 0.05  # ...then found slow
     await asyncio.sleep(0.8)
     scheduler.stop()
     assert 99 in a.dropped and 99 not in a.delivered
