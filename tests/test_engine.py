@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -30,11 +31,13 @@ def test_fold_batchnorm_removes_every_batchnorm_and_keeps_outputs(wav2lip_model:
         assert (dropped(mel, faces) - expected).abs().max() > 0.05
 
 
-def test_engine_equals_plain_forward(wav2lip_model: Wav2Lip) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_engine_equals_plain_forward(wav2lip_model: Wav2Lip, backend: str) -> None:
     rng = np.random.default_rng(0)
     face = rng.random((6, 96, 96), dtype=np.float32)
     mels = rng.standard_normal((5, 80, 16)).astype(np.float32)
-    engine = Engine(wav2lip_model, device="cpu")
+    engine = Engine(wav2lip_model, device="cpu", backend=backend)
+    assert engine.backend == backend
     assert engine.dtype == torch.float32  # no half precision on the CPU
     prepared = engine.prepare(face)
     got = engine.infer(prepared, mels)
@@ -51,9 +54,10 @@ def test_engine_equals_plain_forward(wav2lip_model: Wav2Lip) -> None:
     assert np.abs(got[0].astype(int) - got[1].astype(int)).max() > 0
 
 
-def test_engine_batches_several_photos(wav2lip_model: Wav2Lip) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_engine_batches_several_photos(wav2lip_model: Wav2Lip, backend: str) -> None:
     rng = np.random.default_rng(1)
-    engine = Engine(wav2lip_model, device="cpu")
+    engine = Engine(wav2lip_model, device="cpu", backend=backend)
     photos = [engine.prepare(rng.random((6, 96, 96), dtype=np.float32)) for _ in range(2)]
     mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
     mixed = engine.infer([photos[0], photos[1], photos[0]], mels)
@@ -61,6 +65,14 @@ def test_engine_batches_several_photos(wav2lip_model: Wav2Lip) -> None:
         alone = engine.infer(photo, mels[i : i + 1])[0]
         assert np.abs(mixed[i].astype(int) - alone.astype(int)).max() <= 1
     assert np.abs(mixed[0].astype(int) - mixed[1].astype(int)).mean() > 1
+
+
+def test_backend_choice(wav2lip_model: Wav2Lip) -> None:
+    assert Engine(wav2lip_model, device="cpu").backend == "onnxruntime"  # installed: preferred
+    with pytest.raises(ValueError, match="CPU in fp32 only"):
+        Engine(wav2lip_model, device="cpu", half=True, backend="onnxruntime")
+    with pytest.raises(ValueError, match="backend must be"):
+        Engine(wav2lip_model, device="cpu", backend="tensorrt")
 
 
 def test_pick_device() -> None:
@@ -71,16 +83,17 @@ def test_pick_device() -> None:
     assert pick_device("auto").type == expected
 
 
-def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, backend) -> None:
     from wav2lip.blend import first_face_row
     from wav2lip.engine import decode_lower, lower_cut
 
     rng = np.random.default_rng(2)
     face = rng.random((6, 96, 96), dtype=np.float32)
     mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
-    full = Engine(wav2lip_model, device="cpu")
+    full = Engine(wav2lip_model, device="cpu", backend="torch")
     first_row = first_face_row("feather")
-    lower = Engine(wav2lip_model, device="cpu", first_row=first_row)
+    lower = Engine(wav2lip_model, device="cpu", first_row=first_row, backend=backend)
     assert lower.cut > 0 and lower.first_exact_row <= first_row
     expected = full.infer(full.prepare(face), mels)
     got = lower.infer(lower.prepare(face), mels)
