@@ -69,7 +69,7 @@ def test_engine_batches_several_photos(wav2lip_model: Wav2Lip, backend: str) -> 
 
 def test_backend_choice(wav2lip_model: Wav2Lip) -> None:
     assert Engine(wav2lip_model, device="cpu").backend == "onnxruntime"  # installed: preferred
-    with pytest.raises(ValueError, match="CPU in fp32 only"):
+    with pytest.raises(ValueError, match="run on the CPU in fp32 only"):
         Engine(wav2lip_model, device="cpu", half=True, backend="onnxruntime")
     with pytest.raises(ValueError, match="backend must be"):
         Engine(wav2lip_model, device="cpu", backend="tensorrt")
@@ -114,3 +114,16 @@ def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, ba
             assert out.shape[2] == 96 - start
             assert (out - reference[:, :, start:]).abs().max() < 1e-5
     assert lower_cut(first_row) == 3
+
+
+def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:
+    rng = np.random.default_rng(3)
+    face = rng.random((6, 96, 96), dtype=np.float32)
+    mels = rng.uniform(-4, 2, (4, 80, 16)).astype(np.float32)
+    exact = Engine(wav2lip_model, device="cpu", backend="onnxruntime")
+    int8 = Engine(wav2lip_model, device="cpu", backend="onnxruntime-int8")
+    a = exact.infer(exact.prepare(face), mels).astype(int)
+    b = int8.infer(int8.prepare(face), mels).astype(int)
+    # Quantized, so not equal; but a picture of the same mouths, not noise.
+    assert np.abs(a - b).max() > 0
+    assert np.abs(a - b).mean() < 8
