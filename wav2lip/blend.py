@@ -21,7 +21,10 @@ MODES = ("feather", "hard")
 # The mask's profile, in fractions of the box's height (top to bottom) and width. Official crops
 # run from forehead to below the chin with the mouth at about 0.7 of the height; the generator
 # draws the lower half. Ramps are smoothsteps, so the mask has no kinks, only gentle slopes.
-_RISE_TOP = (0.48, 0.62)  # 0 above the nose tip, 1 from just above the upper lip
+# 0 above the nose tip, 1 from just above the upper lip. Starting at 0.52 keeps to the half of
+# the face the generator draws (its input's lower half is masked), and lets the engine skip one
+# more band of rows (it computes from row 47 of 96, see `first_face_row`).
+_RISE_TOP = (0.52, 0.65)
 _FALL_BOTTOM = (0.88, 1.0)  # 1 down to the chin, 0 on the box's bottom row
 _SIDE = 0.18  # ramps from 0 on the left and right columns to 1 inside, clear of the mouth
 
