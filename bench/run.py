@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from rtc_server.peer import LipSyncPeer
+from tests.conftest import free_port, random_wav2lip
 from wav2lip.audio import load_audio
 from wav2lip.blend import Blender, first_face_row
 from wav2lip.checkpoint import load_checkpoint
@@ -112,12 +112,6 @@ def bench_engine(checkpoint: Path, batch: int) -> dict[str, object]:
     return report
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -163,7 +157,7 @@ def bench_sessions(checkpoint: Path, counts: list[int], seconds: float) -> list[
             check=True,
         )
         speech = load_audio(speech_wav)
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "lipsync"), "serve", "--offline",
@@ -199,9 +193,6 @@ def _wait_for(url: str) -> None:
 
 
 def _random_checkpoint(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import random_wav2lip
-
     path = folder / "random_wav2lip.pth"
     torch.save({"state_dict": random_wav2lip().state_dict()}, path)
     return path

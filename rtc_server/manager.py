@@ -119,9 +119,7 @@ class SessionManager:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio" and session._microphone is None:
-                session.attach_microphone(track)
-            else:
+            if not (track.kind == "audio" and session.attach_microphone(track)):
                 sink.addTrack(track)
 
         @pc.on("datachannel")

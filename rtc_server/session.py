@@ -150,9 +150,14 @@ class Session:
         self._spawn(self._produce(), "produce")
         self._spawn(self._report(), "report")
 
-    def attach_microphone(self, track: MediaStreamTrack) -> None:
+    def attach_microphone(self, track: MediaStreamTrack) -> bool:
+        """Take the peer's first audio track as the microphone; False if there is one already
+        (the caller must then drain the track some other way)."""
+        if self._microphone is not None:
+            return False
         self._microphone = Microphone(track, self._timeline, self._audio_time, self._on_audio)
         self._spawn(self._microphone.run(), "microphone")
+        return True
 
     def attach_events(self, channel: RTCDataChannel) -> None:
         self._events = channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -99,3 +100,10 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory, wav2lip_model) -> 
     state = {f"module.{k}": v for k, v in wav2lip_model.state_dict().items()}
     torch.save({"state_dict": state, "optimizer": {}, "global_step": 1, "global_epoch": 1}, path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server in a subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -81,7 +81,6 @@ class MouthEngine(Protocol):
 # 12-pixel input: each transposed convolution (k3, s2, p1) is exact from row 2s of its output,
 # each of the two residual 3x3 convolutions after it spoils one more row at the cut, and the
 # output block's 3x3 convolution one more; so the 96-pixel output is exact from row 8s + 15.
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 _LOWER_STAGES = 4  # index of the first decoder block that is cut
 _EXACT_FROM = 15  # output row exact when the cut is at row 0 of the 12-pixel input
 _EXACT_STEP = 8  # output rows gained per input row cut
@@ -112,6 +111,9 @@ def decode_lower(
         start += 2
     # The output block's 3x3 convolution spoils the first row again.
     return model.output_block(x)[:, :, 1:]
+
+
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 
 
 @dataclass
@@ -177,12 +179,11 @@ class Engine:
     def infer(self, face: PreparedFace | Sequence[PreparedFace], mels: np.ndarray) -> np.ndarray:
         """Mel windows (B, 80, 16) to mouth crops (B, 96, 96, 3) uint8 BGR, for one photo or
         one photo per window. Pixels are truncated to uint8 as the official inference does."""
-        if isinstance(face, PreparedFace):
-            features = face.features
-        elif all(f is face[0] for f in face):
-            features = face[0].features
+        photos = [face] if isinstance(face, PreparedFace) else list(face)
+        if all(photo is photos[0] for photo in photos):
+            features = photos[0].features  # broadcast over the batch
         else:
-            features = [torch.cat(level) for level in zip(*(f.features for f in face))]
+            features = [torch.cat(level) for level in zip(*(p.features for p in photos))]
         mel = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32)[:, None])
         if self._onnx is not None:
             out = self._onnx(mel.numpy(), [f.numpy() for f in features])
@@ -194,8 +195,8 @@ class Engine:
         pixels = pixels.astype(np.uint8)
         if not self.cut:
             return pixels
-        crops = [face.crop] if isinstance(face, PreparedFace) else [f.crop for f in face]
-        mouths = np.empty((len(mels), *crops[0].shape), np.uint8)
-        mouths[:, : self.first_exact_row] = np.stack(crops)[:, : self.first_exact_row]
-        mouths[:, self.first_exact_row :] = pixels
+        top = self.first_exact_row
+        mouths = np.empty((len(mels), *photos[0].crop.shape), np.uint8)
+        mouths[:, :top] = np.stack([photo.crop[:top] for photo in photos])
+        mouths[:, top:] = pixels
         return mouths
