@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from wav2lip.cuda_graphs import bucket
 from wav2lip.engine import Engine, fold_batchnorm, pick_device
 from wav2lip.model import Wav2Lip
 
@@ -127,3 +128,30 @@ def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:
     # Quantized, so not equal; but a picture of the same mouths, not noise.
     assert np.abs(a - b).max() > 0
     assert np.abs(a - b).mean() < 8
+
+
+def test_cuda_graph_buckets_and_device_check(wav2lip_model: Wav2Lip) -> None:
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Engine(wav2lip_model, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda_graphs_give_the_eager_pixels(wav2lip_model: Wav2Lip, half: bool) -> None:
+    rng = np.random.default_rng(3)
+    options = {"device": "cuda", "half": half, "first_row": 47}
+    eager = Engine(wav2lip_model, cuda_graphs=False, **options)
+    graphed = Engine(wav2lip_model, cuda_graphs=True, **options)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    faces = [rng.random((6, 96, 96), dtype=np.float32) for _ in range(3)]
+    for batch in (1, 3, 16, 5):  # 5 after 16: a smaller batch in a larger recorded size
+        mels = rng.standard_normal((batch, 80, 16)).astype(np.float32)
+        for engine_faces in ([eager.prepare(faces[0])], [eager.prepare(f) for f in faces]):
+            photos = [engine_faces[i % len(engine_faces)] for i in range(batch)]
+            expected = eager.infer(photos, mels)
+            graphed_photos = [graphed.prepare(faces[i % len(engine_faces)]) for i in range(batch)]
+            got = graphed.infer(graphed_photos, mels)
+            assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    # Replays really use the new inputs: different windows give different mouths.
+    assert np.abs(got[0].astype(int) - got[1].astype(int)).max() > 0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from wav2lip import onnx_backend
+from wav2lip.cuda_graphs import GraphedDecoder
 from wav2lip.faces import face_crop
 from wav2lip.model import Wav2Lip
 
@@ -137,6 +138,7 @@ class Engine:
         half: bool | None = None,
         first_row: int = 0,
         backend: str = "auto",
+        cuda_graphs: bool | None = None,
     ) -> None:
         """`first_row`: the first row of the 96x96 output that is shown (the feathered blend
         shows only the lower face); rows above it are copied from the photo, not computed.
@@ -145,6 +147,8 @@ class Engine:
         `backend`: "torch", or "onnxruntime" (CPU only, same fp32 arithmetic, faster); "auto"
         takes ONNX Runtime on the CPU when it is installed. "onnxruntime-int8" quantizes the
         decoder: faster still, not exact (an option, never the default).
+
+        `cuda_graphs`: replay the decoder as CUDA graphs (default: on CUDA).
         """
         self.device = pick_device(device)
         self.half = self.device.type == "cuda" if half is None else half
@@ -168,6 +172,17 @@ class Engine:
             if onnx
             else None
         )
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and backend == "torch"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self._graphs = GraphedDecoder(self._decode, (1, 80, 16)) if cuda_graphs else None
+        self.cuda_graphs = cuda_graphs
+
+    def _decode(self, mel: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.cut:
+            return decode_lower(self.model, mel, features, self.cut)
+        return self.model.decode(mel, features)
 
     @torch.inference_mode()
     def prepare(self, face_input: np.ndarray) -> PreparedFace:
@@ -186,13 +201,12 @@ class Engine:
             features = [torch.cat(level) for level in zip(*(p.features for p in photos))]
         mel = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32)[:, None])
         if self._onnx is not None:
-            out = self._onnx(mel.numpy(), [f.numpy() for f in features])
-        elif self.cut:
-            out = decode_lower(self.model, mel.to(self.device, self.dtype), features, self.cut)
+            out = torch.from_numpy(self._onnx(mel.numpy(), [f.numpy() for f in features]))
         else:
-            out = self.model.decode(mel.to(self.device, self.dtype), features)
-        pixels = torch.as_tensor(out).float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy()
-        pixels = pixels.astype(np.uint8)
+            decode = self._graphs or self._decode
+            out = decode(mel.to(self.device, self.dtype), features)
+        # Truncated to uint8 where it was computed: a quarter of the bytes to copy back.
+        pixels = out.float().mul_(255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         if not self.cut:
             return pixels
         top = self.first_exact_row
