@@ -25,10 +25,13 @@ _WRAP = 1 << 32  # RTP timestamps are 32-bit
 ANCHOR_FRAMES = 50
 # After that, clock drift between the peer and the server is followed: every DRIFT_FRAMES the
 # earliest arrival relative to its place is brought back to zero, DRIFT_STEP samples at a time,
-# once it is off by more than DRIFT_TOLERANCE.
+# once it is off by more than DRIFT_TOLERANCE; and at once when it is off by more than
+# JUMP_TOLERANCE, which no drift explains: a hold-up longer than the anchoring second (a stalled
+# start), that would otherwise stay in the lag for minutes.
 DRIFT_FRAMES = 100
 DRIFT_TOLERANCE = SAMPLE_RATE // 50
 DRIFT_STEP = SAMPLE_RATE // 50
+JUMP_TOLERANCE = SAMPLE_RATE // 10
 
 
 class Microphone:
@@ -89,7 +92,11 @@ class Microphone:
         self._earliest = min(self._earliest, early_by) if self.frames % DRIFT_FRAMES else early_by
         if self.frames % DRIFT_FRAMES != DRIFT_FRAMES - 1 or abs(self._earliest) <= DRIFT_TOLERANCE:
             return 0
-        shift = max(-DRIFT_STEP, min(DRIFT_STEP, self._earliest))
+        shift = self._earliest
+        if abs(shift) <= JUMP_TOLERANCE:
+            shift = max(-DRIFT_STEP, min(DRIFT_STEP, shift))
+        else:
+            log.info("microphone audio re-anchored by %.0f ms", shift * 1000 / SAMPLE_RATE)
         self.first_index += shift
         return shift
 

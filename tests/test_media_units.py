@@ -203,3 +203,16 @@ async def test_microphone_follows_a_drifting_sender_clock() -> None:
     assert abs(ends[-1] - arrived_end) <= 2 * 320
     # Uncorrected, the last frame would sit 1% of 12 s = 120 ms before its arrival.
     assert microphone.first_index > 1000
+
+
+async def test_microphone_recovers_from_a_start_stalled_longer_than_the_anchoring() -> None:
+    """The server stalled for 1.5 s as the session began: 75 packets were read at once. The
+    anchoring second fixes 50 of them; the rest of the hold-up must leave the lag within a
+    couple of seconds, not stay in it for minutes."""
+    frames = 400
+    stamps = [i * 960 for i in range(frames)]
+    arrivals = iter([1.5] * 76 + [i * 0.02 for i in range(75, frames)])
+    _, microphone, ends = await _run_microphone(stamps, lambda: next(arrivals))
+    assert abs(microphone.first_index) <= 320  # back where the peer's first sample belongs
+    arrived_end = (frames - 1) * 0.02 * 16000 + 320
+    assert abs(ends[-1] - arrived_end) <= 320
