@@ -2,8 +2,9 @@
 
 Sessions submit frame jobs (a mel window and the time the frame is due on the wire). A single
 worker thread takes the ready jobs of all sessions, earliest due first, runs them as one batch
-through the engine, composites each mouth into its session's photo, and hands the finished
-frames back to the event loop. A job that could no longer finish before it is due is dropped
+through the engine, composites each mouth into its session's photo (on a few threads at once:
+with many sessions on a GPU, compositing outweighs inference), and hands the finished frames
+back to the event loop. A job that could no longer finish before it is due is dropped
 instead of run: the session repeats its previous frame and counts the drop, so when the device
 is overloaded lag stays put and only the frame rate of new mouths falls.
 
@@ -20,14 +21,17 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from rtc_server.threads import name_this_thread
 from wav2lip.engine import MouthEngine
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ FPS = 25
 HEADROOM = 0.9
 WARM_UP_RUNS = 5
 BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
+COMPOSE_THREADS = min(4, os.cpu_count() or 1)  # OpenCV and PyAV release the GIL as they work
 
 
 class FrameSink(Protocol):
@@ -65,6 +70,10 @@ class FrameJob:
     mel: np.ndarray = field(compare=False)
 
 
+def _compose(job: FrameJob, mouth: np.ndarray) -> Any:
+    return job.sink.compose(mouth)
+
+
 class InferenceScheduler:
     """Batches the frames of all sessions on one device, earliest due first."""
 
@@ -77,6 +86,9 @@ class InferenceScheduler:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._composers = ThreadPoolExecutor(
+            COMPOSE_THREADS, "compose", initializer=name_this_thread, initargs=("compose",)
+        )
         # Seconds per frame in full batches, inference and compositing together: the device's
         # capacity. It decides what can still make its time, how long to wait to fill a
         # batch, and each session's share. Measured at start (`_warm_up`) and on every full
@@ -98,6 +110,7 @@ class InferenceScheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._composers.shutdown(cancel_futures=True)
 
     def submit(self, sink: FrameSink, index: int, mel: np.ndarray, due: float) -> bool:
         """Queue a frame; False if it is skipped to share an overloaded device evenly."""
@@ -171,10 +184,12 @@ class InferenceScheduler:
         return batch, late
 
     def _warm_up(self) -> None:
-        """Measure a full batch: the best of a few runs, after one that pays one-off costs."""
+        """Run every batch size once (an engine may prepare per size, e.g. record a CUDA
+        graph), then measure a full batch: the best of a few runs."""
         face = self.engine.prepare(np.zeros((6, 96, 96), np.float32))
         mels = np.zeros((self.max_batch, 80, 16), np.float32)
-        self.engine.infer(face, mels)
+        for size in range(1, self.max_batch + 1):
+            self.engine.infer(face, mels[:size])
         best = float("inf")
         for _ in range(WARM_UP_RUNS):
             started = time.monotonic()
@@ -185,6 +200,7 @@ class InferenceScheduler:
                  self.seconds_per_frame * 1000, self.max_batch)  # fmt: skip
 
     def _run(self) -> None:
+        name_this_thread("inference")
         self._warm_up()
         while True:
             with self._cond:
@@ -207,7 +223,7 @@ class InferenceScheduler:
         faces = [job.face for job in batch]
         mouths = self.engine.infer(faces, np.stack([job.mel for job in batch]))
         infer_seconds = (time.monotonic() - started) / len(batch)
-        frames = [job.sink.compose(mouth) for job, mouth in zip(batch, mouths)]
+        frames = list(self._composers.map(_compose, batch, mouths))
         per_frame = (time.monotonic() - started) / len(batch)
         if len(batch) == self.max_batch:
             self.seconds_per_frame = 0.8 * self.seconds_per_frame + 0.2 * per_frame
