@@ -1,6 +1,7 @@
 """The benchmark: the engine against the plain PyTorch forward, and live sessions end to end.
 
     python -m bench.run [--checkpoint PATH] [--sessions 1 2] [--seconds 20]
+    python -m bench.run --device cuda --batch 16 --sessions 8 16 32 --peer-processes 4
 
 Everything is measured in one run on one machine, and written with the machine and the date to
 bench/results/latest.json and bench/results/latest.md (the docs quote the latter). Without a
@@ -9,12 +10,15 @@ checkpoint, random weights in the official layout are used: speed does not depen
 1. Engine: frames per second of the plain forward (the official model as loaded, batch 1 and
    the engine's batch) and of the engine (BatchNorm folded, face features cached, only the rows
    the feathered blend shows), and the largest difference between the two in the picture.
-   The engine runs with each backend: PyTorch, ONNX Runtime (fp32, the CPU default) and ONNX
-   Runtime int8 (an option: faster, not exact).
+   On the CPU the engine runs with each backend: PyTorch, ONNX Runtime (fp32, the CPU default)
+   and ONNX Runtime int8 (an option: faster, not exact). On CUDA: fp32 and fp16, each with and
+   without CUDA graphs, at several batch sizes.
 2. Sessions: a `lipsync serve` process and N real aiortc peers on loopback streaming espeak-ng
-   speech in real time; per session the delivered fps (at the peer), the generated fps (frames
-   really inferred, from the server's stats), lag p50 and p95, the longest run of repeated
-   frames, and the server's CPU use.
+   speech in real time (spread over several processes so that their decoding does not limit
+   the count); per session the delivered fps (at the peer), the generated fps (frames really
+   inferred, from the server's stats), lag p50 and p95, the longest run of repeated frames;
+   the server's CPU use, split by thread (event loop, inference, compositing, encoders), and
+   the GPU's utilisation where there is one: what limits the count.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ import asyncio
 import datetime
 import functools
 import json
+import multiprocessing
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -41,22 +49,24 @@ from tests.conftest import free_port, random_wav2lip
 from wav2lip.audio import load_audio
 from wav2lip.blend import Blender, first_face_row
 from wav2lip.checkpoint import load_checkpoint
-from wav2lip.engine import Engine
+from wav2lip.engine import BACKENDS, Engine
 from wav2lip.faces import find_face, model_input, read_image
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT.parent / "shared" / "testdata" / "faces" / "obama.jpg"
 RESULTS = ROOT / "bench" / "results"
+GPU_BATCHES = [1, 4, 16, 32, 64]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def machine() -> dict[str, object]:
+def machine(device: str) -> dict[str, object]:
     cpu = platform.processor()
     with open("/proc/cpuinfo") as info:
         for line in info:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {
+    found: dict[str, object] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -64,10 +74,15 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if device == "cuda":
+        found["gpu"] = torch.cuda.get_device_name()
+        found["cuda"] = torch.version.cuda
+    return found
 
 
 def _per_frame(run, frames: int, repeats: int = 5) -> float:
-    """Seconds per frame of `run`, best of `repeats` after a warm-up."""
+    """Seconds per frame of `run` (which must wait for its result), best of `repeats` after a
+    warm-up."""
     run()
     best = float("inf")
     for _ in range(repeats):
@@ -77,101 +92,202 @@ def _per_frame(run, frames: int, repeats: int = 5) -> float:
     return best / frames
 
 
+def _variants(device: str) -> dict[str, dict[str, object]]:
+    """The engine configurations compared on a device."""
+    if device == "cpu":
+        return {backend: {"backend": backend} for backend in BACKENDS}
+    return {
+        f"{precision}{'-graphs' if graphs else ''}": {"half": half, "cuda_graphs": graphs}
+        for precision, half in (("fp32", False), ("fp16", True))
+        for graphs in (False, True)
+    }
+
+
 @torch.inference_mode()
-def bench_engine(checkpoint: Path, batch: int) -> dict[str, object]:
-    model = load_checkpoint(checkpoint)
-    image = read_image(PHOTO)
+def bench_engine(
+    checkpoint: Path, photo: Path, device: str, batch: int, batches: list[int]
+) -> dict[str, object]:
+    model = load_checkpoint(checkpoint).to(device)
+    image = read_image(photo)
     box = find_face(image)
     face = model_input(image, box)
     rng = np.random.default_rng(0)
-    mels = rng.uniform(-4, 4, (batch, 80, 16)).astype(np.float32)
-    mel_t = torch.from_numpy(mels[:, None])
-    faces_t = torch.from_numpy(face[None]).expand(batch, -1, -1, -1).contiguous()
-    plain_1 = _per_frame(lambda: model(mel_t[:1], faces_t[:1]), 1)
-    plain_out = (model(mel_t, faces_t).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    mels = rng.uniform(-4, 4, (max([batch, *batches]), 80, 16)).astype(np.float32)
+    mel_t = torch.from_numpy(mels[:, None]).to(device)
+    faces_t = torch.from_numpy(face[None]).to(device).expand(len(mels), -1, -1, -1).contiguous()
+
+    def plain(count: int) -> torch.Tensor:
+        return model(mel_t[:count], faces_t[:count]).cpu()
+
+    plain_1 = _per_frame(lambda: plain(1), 1)
+    plain_out = (plain(batch).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     blender = Blender(box, image.shape)
     shown_plain = [blender.paste(image, mouth).astype(int) for mouth in plain_out]
     report: dict[str, object] = {
+        "device": device,
         "batch": batch,
-        "plain_ms_per_frame_batch1": round(plain_1 * 1000, 1),
+        "plain_ms_per_frame_batch1": round(plain_1 * 1000, 2),
     }
     if batch > 1:
-        plain_b = _per_frame(lambda: model(mel_t, faces_t), batch)
-        report[f"plain_ms_per_frame_batch{batch}"] = round(plain_b * 1000, 1)
-    # The engine with each backend; the difference is in what is shown: both pasted into the
-    # photo with the feathered blend.
-    for backend in ("torch", "onnxruntime", "onnxruntime-int8"):
-        engine = Engine(model, device="cpu", first_row=first_face_row("feather"), backend=backend)
-        run = functools.partial(engine.infer, engine.prepare(face), mels)
+        plain_b = _per_frame(lambda: plain(batch), batch)
+        report[f"plain_ms_per_frame_batch{batch}"] = round(plain_b * 1000, 2)
+    # Each configuration's difference is in what is shown: both pasted into the photo with the
+    # feathered blend.
+    for name, options in _variants(device).items():
+        engine = Engine(model, device=device, first_row=first_face_row("feather"), **options)
+        prepared = engine.prepare(face)
+        run = functools.partial(engine.infer, prepared, mels[:batch])
         seconds = _per_frame(run, batch)
         shown = [blender.paste(image, mouth) for mouth in run()]
-        diff = [np.abs(a - b) for a, b in zip(shown_plain, shown)]
-        report[f"engine_{backend}_ms_per_frame"] = round(seconds * 1000, 1)
-        report[f"engine_{backend}_speedup_vs_plain_batch1"] = round(plain_1 / seconds, 2)
-        report[f"engine_{backend}_max_difference_shown"] = int(max(d.max() for d in diff))
+        diff = max(int(np.abs(a - b).max()) for a, b in zip(shown_plain, shown))
+        report[f"engine_{name}_ms_per_frame"] = round(seconds * 1000, 2)
+        report[f"engine_{name}_fps"] = round(1 / seconds)
+        report[f"engine_{name}_speedup_vs_plain_batch1"] = round(plain_1 / seconds, 2)
+        report[f"engine_{name}_max_difference_shown"] = diff
+        for count in batches:
+            if count != batch:
+                run = functools.partial(engine.infer, prepared, mels[:count])
+                report[f"engine_{name}_ms_per_frame_batch{count}"] = round(
+                    _per_frame(run, count) * 1000, 3
+                )
     return report
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process so far, by thread name with digits folded ("asyncio_#")."""
+    totals: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = re.sub(r"\d+", "#", text[text.index("(") + 1 : text.rindex(")")])
+        fields = text.rsplit(")", 1)[1].split()
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return totals
 
 
-async def _sessions(url: str, count: int, seconds: float, speech: np.ndarray, pid: int) -> dict:
-    audio = np.concatenate([np.zeros(8000, np.float32), *[speech] * 20])[: int(seconds * 16000)]
+def _gpu_utilisation() -> float | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    try:
+        return float(out.stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _summary(peer: LipSyncPeer, first_video: int, first_event: int) -> dict[str, object]:
+    """One peer's figures over the measured window (from the given record counts on)."""
+    times = np.array([t for t, _, _ in peer.received.video[first_video:]])
+    stats = [e for e in peer.received.events[first_event:] if e["type"] == "stats"]
+    lag50 = [s["lag_ms"] for s in stats if s["lag_ms"] is not None]
+    lag95 = [s["lag_p95_ms"] for s in stats if s["lag_p95_ms"] is not None]
+    return {
+        "delivered_fps": round((len(times) - 1) / (times[-1] - times[0]), 1),
+        "generated_fps": round(float(np.mean([s["generated_fps"] for s in stats])), 1),
+        "lag_p50_ms": round(float(np.median(lag50))),
+        "lag_p95_ms": round(float(np.percentile(lag95, 95))),
+        "dropped_total": stats[-1]["dropped"],
+        "longest_repeat_run": stats[-1]["longest_repeat_run"],
+    }
+
+
+async def _peers(url: str, count: int, speech: np.ndarray, start_at: float, seconds: float):
+    """Connect `count` peers, measure them from wall time `start_at` for `seconds`."""
+    audio = np.concatenate([np.zeros(8000, np.float32), *[speech] * 200])
+    audio = audio[: int((start_at - time.time() + seconds + 30) * 16000)]
     peers = [LipSyncPeer(url, audio, receive_audio=False) for _ in range(count)]
     async with aiohttp.ClientSession() as http:
         for peer in peers:
             await peer.connect(http)
-        cpu_start, wall_start = _cpu_seconds(pid), time.monotonic()
+        late = time.time() > start_at
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        marks = [(len(p.received.video), len(p.received.events)) for p in peers]
         await asyncio.sleep(seconds)
-        cpu = (_cpu_seconds(pid) - cpu_start) / (time.monotonic() - wall_start)
+        results = [_summary(p, video, event) for p, (video, event) in zip(peers, marks)]
         for peer in peers:
             await peer.close(http)
-    results = []
-    for peer in peers:
-        times = np.array([t for t, _, _ in peer.received.video])
-        steady = times[times > times[0] + 2.0]
-        stats = [e for e in peer.received.events if e["type"] == "stats"][2:]
-        lag50 = [s["lag_ms"] for s in stats if s["lag_ms"] is not None]
-        lag95 = [s["lag_p95_ms"] for s in stats if s["lag_p95_ms"] is not None]
-        results.append(
-            {
-                "delivered_fps": round((len(steady) - 1) / (steady[-1] - steady[0]), 1),
-                "generated_fps": round(float(np.mean([s["generated_fps"] for s in stats])), 1),
-                "lag_p50_ms": round(float(np.median(lag50))),
-                "lag_p95_ms": round(float(np.percentile(lag95, 95))),
-                "dropped_total": stats[-1]["dropped"],
-                "longest_repeat_run": stats[-1]["longest_repeat_run"],
-            }
-        )
-    return {"sessions": count, "server_cpu_percent": round(cpu * 100), "per_session": results}
+    return {"connected_late": late, "per_session": results}
 
 
-def bench_sessions(checkpoint: Path, counts: list[int], seconds: float) -> list[dict]:
-    with tempfile.TemporaryDirectory() as folder:
-        speech_wav = Path(folder) / "speech.wav"
-        subprocess.run(
-            ["espeak-ng", "-w", str(speech_wav), "The quick brown fox jumps over the lazy dog."],
-            check=True,
-        )
-        speech = load_audio(speech_wav)
-        port = free_port()
+def _peer_group(url: str, count: int, speech: np.ndarray, start_at: float, seconds: float):
+    return asyncio.run(_peers(url, count, speech, start_at, seconds))
+
+
+def _measure(
+    url: str, count: int, seconds: float, speech: np.ndarray, pid: int, processes: int
+) -> dict[str, object]:
+    """N sessions, their peers spread over processes, all measured over the same window."""
+    groups = [count // processes + (i < count % processes) for i in range(processes)]
+    groups = [size for size in groups if size]
+    start_at = time.time() + 15 + 0.5 * max(groups)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+        futures = [
+            pool.submit(_peer_group, url, size, speech, start_at, seconds) for size in groups
+        ]
+        time.sleep(max(0.0, start_at - time.time()))
+        before, wall = _thread_cpu(pid), time.monotonic()
+        gpu = []
+        while time.monotonic() - wall < seconds:
+            if (sample := _gpu_utilisation()) is not None:
+                gpu.append(sample)
+            time.sleep(0.5)
+        after = _thread_cpu(pid)
+        elapsed = time.monotonic() - wall
+        outcomes = [future.result() for future in futures]
+    threads = {
+        name: round((after[name] - before.get(name, 0.0)) / elapsed * 100)
+        for name in sorted(after, key=lambda n: before.get(n, 0.0) - after[n])
+    }
+    return {
+        "sessions": count,
+        "server_cpu_percent": sum(threads.values()),
+        "server_cpu_by_thread_percent": {k: v for k, v in threads.items() if v >= 1},
+        "gpu_utilisation_percent": round(float(np.mean(gpu))) if gpu else None,
+        "peers_connected_late": any(outcome["connected_late"] for outcome in outcomes),
+        "per_session": [s for outcome in outcomes for s in outcome["per_session"]],
+    }
+
+
+def bench_sessions(
+    checkpoint: Path,
+    speech_wav: Path,
+    device: str,
+    counts: list[int],
+    seconds: float,
+    processes: int,
+    delay: float | None,
+    log: Path,
+) -> list[dict]:
+    """The server's output goes to `log`."""
+    speech = load_audio(speech_wav)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "signaling.cli", "serve", "--offline",
+        "--port", str(port), "--checkpoint", str(checkpoint), "--device", device,
+        "--max-sessions", str(max(counts)),
+    ]  # fmt: skip
+    if delay is not None:
+        command += ["--delay", str(delay)]
+    with tempfile.TemporaryDirectory() as folder, log.open("w") as log_file:
         server = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "lipsync"), "serve", "--offline",
-                "--port", str(port), "--checkpoint", str(checkpoint), "--device", "cpu",
-                "--max-sessions", str(max(counts)),
-            ],
+            command,
+            cwd=ROOT,
             env=dict(os.environ, LIPSYNC_CACHE=folder),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_for(url)
             return [
-                asyncio.run(_sessions(url, count, seconds, speech, server.pid)) for count in counts
+                _measure(url, count, seconds, speech, server.pid, min(processes, count))
+                for count in counts
             ]
         finally:
             server.terminate()
@@ -198,47 +314,76 @@ def _random_checkpoint(folder: Path) -> Path:
     return path
 
 
+def _espeak(folder: Path) -> Path:
+    path = folder / "speech.wav"
+    text = "The quick brown fox jumps over the lazy dog."
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+    return path
+
+
 def markdown(report: dict) -> str:
     m, e = report["machine"], report["engine"]
+    where = f"{m['cpu']} ({m['cores']} cores)"
+    if "gpu" in m:
+        where = f"{m['gpu']} (CUDA {m['cuda']}) with {where}"
     lines = [
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), PyTorch {m['torch']}, "
-        f"{report['weights']}. Reproduce: `python -m bench.run`.",
+        f"Measured {m['date']} on {where}, PyTorch {m['torch']}, {report['weights']}. "
+        f"Reproduce: `{report['command']}`.",
         "",
         "| engine measure | value |",
         "| --- | --- |",
         *[f"| {key} | {value} |" for key, value in e.items()],
         "",
-        "| sessions | server CPU | session | delivered fps | generated fps | lag p50 ms "
-        "| lag p95 ms | dropped | longest repeat run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| sessions | server CPU | by thread | GPU busy | delivered fps (min) "
+        "| generated fps (min-max) | lag p50 ms (median) | lag p95 ms (max) | dropped (max) "
+        "| longest repeat run (max) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["sessions"]:
-        for i, s in enumerate(run["per_session"]):
-            lines.append(
-                f"| {run['sessions']} | {run['server_cpu_percent']}% | {i + 1} "
-                f"| {s['delivered_fps']} | {s['generated_fps']} | {s['lag_p50_ms']} "
-                f"| {s['lag_p95_ms']} | {s['dropped_total']} | {s['longest_repeat_run']} |"
-            )
+        per = run["per_session"]
+        threads = ", ".join(f"{k} {v}%" for k, v in run["server_cpu_by_thread_percent"].items())
+        gpu = run["gpu_utilisation_percent"]
+        generated = [s["generated_fps"] for s in per]
+        late = " (peers connected late)" if run["peers_connected_late"] else ""
+        lines.append(
+            f"| {run['sessions']}{late} | {run['server_cpu_percent']}% | {threads} "
+            f"| {'-' if gpu is None else f'{gpu}%'} "
+            f"| {min(s['delivered_fps'] for s in per)} | {min(generated)}-{max(generated)} "
+            f"| {round(float(np.median([s['lag_p50_ms'] for s in per])))} "
+            f"| {max(s['lag_p95_ms'] for s in per)} | {max(s['dropped_total'] for s in per)} "
+            f"| {max(s['longest_repeat_run'] for s in per)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="Wav2Lip weights (default: random)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=4, help="the engine's batch size")
+    parser.add_argument("--photo", type=Path, default=PHOTO, help="the face for the engine")
+    parser.add_argument("--speech", type=Path, help="a speech recording (default: espeak-ng)")
     parser.add_argument("--sessions", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--peer-processes", type=int, default=1)
+    parser.add_argument("--delay", type=float, help="the server's delay (default: its own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    batches = GPU_BATCHES if args.device == "cuda" else []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = args.checkpoint or _random_checkpoint(Path(folder))
+        speech = args.speech or _espeak(Path(folder))
         report = {
-            "machine": machine(),
+            "machine": machine(args.device),
+            "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             "weights": str(args.checkpoint) if args.checkpoint else "random weights",
-            "engine": bench_engine(checkpoint, args.batch),
-            "sessions": bench_sessions(checkpoint, args.sessions, args.seconds),
+            "engine": bench_engine(checkpoint, args.photo, args.device, args.batch, batches),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
+        report["sessions"] = bench_sessions(
+            checkpoint, speech, args.device, args.sessions, args.seconds,
+            args.peer_processes, args.delay, args.out / "server.log",
+        )  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))
     print(markdown(report))

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Beyond the audio a frame needs and the network's jitter, the delay covers the render: a batch
 # must fit in it. On a CPU (ONNX Runtime) a Wav2Lip frame takes about 30 ms and batching gains
 # little, so frames go one at a time; a GPU gains from batching sessions together.
-RENDER_BUDGET = {"animator": 0.06, "wav2lip-gpu": 0.08, "wav2lip": 0.07}
+RENDER_BUDGET = {"animator": 0.06, "wav2lip-gpu": 0.02, "wav2lip": 0.07}
 CPU_BATCH = 1
 GPU_BATCH = 16
 
