@@ -76,6 +76,9 @@ class OnnxDecoder:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Worker threads that spin between frames (40 ms apart) take a core from the encoder and
+        # the event loop: measured in one session, 156% CPU instead of 173%, more frames inferred.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
             graph, options, providers=["CPUExecutionProvider"]
         )
