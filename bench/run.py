@@ -219,25 +219,27 @@ def _peer_group(url: str, count: int, speech: np.ndarray, start_at: float, secon
 
 
 def _measure(
-    url: str, count: int, seconds: float, speech: np.ndarray, pid: int, processes: int
+    urls: list[str], pids: list[int], count: int, seconds: float, speech: np.ndarray, processes: int
 ) -> dict[str, object]:
-    """N sessions, their peers spread over processes, all measured over the same window."""
+    """N sessions, their peers spread over processes (each talking to one of the servers, in
+    turn), all measured over the same window."""
+    processes = min(count, max(processes, len(urls)))
     groups = [count // processes + (i < count % processes) for i in range(processes)]
-    groups = [size for size in groups if size]
     start_at = time.time() + 15 + 0.5 * max(groups)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
         futures = [
-            pool.submit(_peer_group, url, size, speech, start_at, seconds) for size in groups
+            pool.submit(_peer_group, urls[i % len(urls)], size, speech, start_at, seconds)
+            for i, size in enumerate(groups)
         ]
         time.sleep(max(0.0, start_at - time.time()))
-        before, wall = _thread_cpu(pid), time.monotonic()
+        before, wall = _servers_cpu(pids), time.monotonic()
         gpu = []
         while time.monotonic() - wall < seconds:
             if (sample := _gpu_utilisation()) is not None:
                 gpu.append(sample)
             time.sleep(0.5)
-        after = _thread_cpu(pid)
+        after = _servers_cpu(pids)
         elapsed = time.monotonic() - wall
         outcomes = [future.result() for future in futures]
     threads = {
@@ -246,12 +248,22 @@ def _measure(
     }
     return {
         "sessions": count,
+        "servers": len(urls),
         "server_cpu_percent": sum(threads.values()),
         "server_cpu_by_thread_percent": {k: v for k, v in threads.items() if v >= 1},
         "gpu_utilisation_percent": round(float(np.mean(gpu))) if gpu else None,
         "peers_connected_late": any(outcome["connected_late"] for outcome in outcomes),
         "per_session": [s for outcome in outcomes for s in outcome["per_session"]],
     }
+
+
+def _servers_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds by thread name, summed over the server processes."""
+    totals: dict[str, float] = {}
+    for pid in pids:
+        for name, seconds in _thread_cpu(pid).items():
+            totals[name] = totals.get(name, 0.0) + seconds
+    return totals
 
 
 def bench_sessions(
@@ -262,36 +274,42 @@ def bench_sessions(
     seconds: float,
     processes: int,
     delay: float | None,
+    servers: int,
     log: Path,
 ) -> list[dict]:
-    """The server's output goes to `log`."""
+    """`servers` server processes share the device (a GPU has room for more sessions than one
+    Python process can encode and send); their output goes to `log`."""
     speech = load_audio(speech_wav)
-    port = free_port()
-    command = [
-        sys.executable, "-m", "signaling.cli", "serve", "--offline",
-        "--port", str(port), "--checkpoint", str(checkpoint), "--device", device,
-        "--max-sessions", str(max(counts)),
-    ]  # fmt: skip
-    if delay is not None:
-        command += ["--delay", str(delay)]
+    ports = [free_port() for _ in range(servers)]
     with tempfile.TemporaryDirectory() as folder, log.open("w") as log_file:
-        server = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=dict(os.environ, LIPSYNC_CACHE=folder),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+        started = []
         try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_for(url)
-            return [
-                _measure(url, count, seconds, speech, server.pid, min(processes, count))
-                for count in counts
-            ]
+            for port in ports:
+                command = [
+                    sys.executable, "-m", "signaling.cli", "serve", "--offline",
+                    "--port", str(port), "--checkpoint", str(checkpoint), "--device", device,
+                    "--max-sessions", str(max(counts)),
+                ]  # fmt: skip
+                if delay is not None:
+                    command += ["--delay", str(delay)]
+                started.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=ROOT,
+                        env=dict(os.environ, LIPSYNC_CACHE=folder),
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            urls = [f"http://127.0.0.1:{port}" for port in ports]
+            for url in urls:
+                _wait_for(url)
+            pids = [server.pid for server in started]
+            return [_measure(urls, pids, count, seconds, speech, processes) for count in counts]
         finally:
-            server.terminate()
-            server.wait(timeout=10)
+            for server in started:
+                server.terminate()
+                server.wait(timeout=10)
 
 
 def _wait_for(url: str) -> None:
@@ -334,10 +352,10 @@ def markdown(report: dict) -> str:
         "| --- | --- |",
         *[f"| {key} | {value} |" for key, value in e.items()],
         "",
-        "| sessions | server CPU | by thread | GPU busy | delivered fps (min) "
+        "| sessions | servers | server CPU | by thread | GPU busy | delivered fps (min) "
         "| generated fps (min-max) | lag p50 ms (median) | lag p95 ms (max) | dropped (max) "
         "| longest repeat run (max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["sessions"]:
         per = run["per_session"]
@@ -346,7 +364,8 @@ def markdown(report: dict) -> str:
         generated = [s["generated_fps"] for s in per]
         late = " (peers connected late)" if run["peers_connected_late"] else ""
         lines.append(
-            f"| {run['sessions']}{late} | {run['server_cpu_percent']}% | {threads} "
+            f"| {run['sessions']}{late} | {run['servers']} | {run['server_cpu_percent']}% "
+            f"| {threads} "
             f"| {'-' if gpu is None else f'{gpu}%'} "
             f"| {min(s['delivered_fps'] for s in per)} | {min(generated)}-{max(generated)} "
             f"| {round(float(np.median([s['lag_p50_ms'] for s in per])))} "
@@ -367,6 +386,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--peer-processes", type=int, default=1)
     parser.add_argument("--delay", type=float, help="the server's delay (default: its own)")
+    parser.add_argument("--servers", type=int, default=1, help="server processes on the device")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     batches = GPU_BATCHES if args.device == "cuda" else []
@@ -382,7 +402,7 @@ def main() -> None:
         }
         report["sessions"] = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
-            args.peer_processes, args.delay, args.out / "server.log",
+            args.peer_processes, args.delay, args.servers, args.out / "server.log",
         )  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))
