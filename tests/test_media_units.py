@@ -143,7 +143,7 @@ async def test_scheduler_runs_earliest_due_first_and_drops_what_cannot_make_it()
     engine = _SlowEngine()
     scheduler = InferenceScheduler(engine, max_batch=2)
     scheduler.start()
-    await asyncio.sleep(0.8)  # the warm-up measures 50 ms a frame
+    await asyncio.sleep(1.2)  # the warm-up runs each batch size, then measures 50 ms a frame
     assert scheduler.seconds_per_frame == pytest.approx(0.05, abs=0.01)
     engine.batches.clear()
     a, b = _Sink(), _Sink()
@@ -167,6 +167,29 @@ async def test_scheduler_runs_earliest_due_first_and_drops_what_cannot_make_it()
         assert set(sink.delivered).isdisjoint(sink.dropped)
     # Frames of both sessions were served: the shared device is fair by due time.
     assert a.delivered and b.delivered
+
+
+class _FastEngine(_SlowEngine):
+    def infer(self, face, mels: np.ndarray) -> np.ndarray:
+        self.batches.append(len(mels))
+        return np.zeros((len(mels), 96, 96, 3), np.uint8)
+
+
+async def test_a_lone_frame_is_not_held_back_to_fill_a_batch() -> None:
+    """With room for a batch of 16 and a deadline a second away, one session's frame still
+    runs within a few milliseconds: it leaves time for compositing and delivery."""
+    scheduler = InferenceScheduler(_FastEngine(), max_batch=16)
+    scheduler.start()
+    await asyncio.sleep(0.2)  # warm-up
+    sink = _Sink()
+    submitted = time.monotonic()
+    assert scheduler.submit(sink, 0, np.zeros((80, 16), np.float32), submitted + 1.0)
+    while not sink.delivered and time.monotonic() - submitted < 1.0:
+        await asyncio.sleep(0.002)
+    waited = time.monotonic() - submitted
+    scheduler.stop()
+    assert sink.delivered == [0]
+    assert waited < 0.1
 
 
 async def test_an_overloaded_device_is_shared_evenly() -> None:
