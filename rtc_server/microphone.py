@@ -59,18 +59,23 @@ class Microphone:
         self.last_media = time.monotonic()
         self.frames = 0
 
-    def _index(self, pts: int, time_base: Fraction) -> int:
-        """The session-timeline sample index of a frame with this RTP timestamp."""
+    def _index(self, pts: int, time_base: Fraction, duration: int) -> int:
+        """The session-timeline sample index of a frame with this RTP timestamp.
+
+        A frame of `duration` samples arrives once its last sample was captured, so a frame
+        that arrives without delay is placed to end, not start, when it arrives: anchoring
+        its start there would hold every sound back by a packet (20 ms) for the whole session.
+        """
         if self._first_pts is None:
             self._first_pts = self._last_pts = pts
-            self.first_index = max(0, round(self._session_time() * SAMPLE_RATE))
+            self.first_index = round(self._session_time() * SAMPLE_RATE) - duration
         delta = (pts - self._last_pts) % _WRAP
         if delta > _WRAP // 2:  # reordered: slightly in the past
             delta -= _WRAP
         self._last_pts = pts
         self._unwrapped += delta
         index = self.first_index + round(self._unwrapped * time_base * SAMPLE_RATE)
-        arrived = round(self._session_time() * SAMPLE_RATE)
+        arrived = round(self._session_time() * SAMPLE_RATE) - duration  # where its start belongs
         if index > arrived and self.frames <= ANCHOR_FRAMES:
             # This frame came sooner than the first one implied: the first was held up on its
             # way (connection start-up). Move the anchor, or that hold-up would be added to
@@ -102,7 +107,8 @@ class Microphone:
 
     def _place(self, frame: av.AudioFrame) -> int:
         """Write the frame's samples; return the timeline index just past them."""
-        start = self._index(frame.pts, frame.time_base) if frame.pts is not None else None
+        duration = round(frame.samples * SAMPLE_RATE / frame.sample_rate)
+        start = None if frame.pts is None else self._index(frame.pts, frame.time_base, duration)
         if start is None:
             start = self._timeline.written_end
         for out in self._resampler.resample(frame):

@@ -73,7 +73,8 @@ async def _run_microphone(stamps: list[int], session_time) -> tuple:
 async def test_microphone_places_by_timestamp_and_lost_packets_become_silence() -> None:
     base = (1 << 32) - 960 * 3  # wraps around 2**32 during the run
     stamps = [(base + i * 960) % (1 << 32) for i in range(10) if i != 5]  # packet 5 lost
-    arrivals = iter([0.0] + [0.02 * i for i in range(10) if i != 5])  # on time
+    # On time: each packet arrives as its 20 ms have been captured.
+    arrivals = iter([0.02] + [0.02 * (i + 1) for i in range(10) if i != 5])
     timeline, microphone, ends = await _run_microphone(stamps, lambda: next(arrivals))
     assert microphone.frames == 9
     audio = timeline.read("r", 10 * 320)
@@ -90,9 +91,11 @@ async def test_microphone_reanchors_when_the_first_packet_was_late() -> None:
     clock = iter([0.5] * 5 + [0.5 + 0.02 * i for i in range(1, 20)])
     stamps = [i * 960 for i in range(20)]
     _, microphone, ends = await _run_microphone(stamps, lambda: next(clock))
-    # Packets 1..3 arrived together right after packet 0: the anchor moved back.
-    assert microphone.first_index == 0.5 * 16000 - 3 * 320
-    assert ends[-1] == pytest.approx((0.5 + 0.02 * 17) * 16000, abs=40)
+    # Packets 1..3 arrived together right after packet 0: the anchor moved back, to where
+    # packet 0 began (a packet arrives once its last sample was captured).
+    assert microphone.first_index == 0.5 * 16000 - 4 * 320
+    # Each packet ends where it arrived: no packet's length is added to the lag.
+    assert ends[-1] == pytest.approx((0.5 + 0.02 * 16) * 16000, abs=40)
 
 
 def test_samples_needed_matches_the_mel_frames_a_window_reads() -> None:
@@ -222,10 +225,10 @@ async def test_microphone_follows_a_drifting_sender_clock() -> None:
     stamps = [i * 960 for i in range(frames)]
     arrivals = iter([0.0] + [i * 0.02 * 1.01 for i in range(frames)])
     _, microphone, ends = await _run_microphone(stamps, lambda: next(arrivals))
-    arrived_end = (frames - 1) * 0.02 * 1.01 * 16000 + 320
+    arrived_end = (frames - 1) * 0.02 * 1.01 * 16000
     assert abs(ends[-1] - arrived_end) <= 2 * 320
     # Uncorrected, the last frame would sit 1% of 12 s = 120 ms before its arrival.
-    assert microphone.first_index > 1000
+    assert microphone.first_index - (-320) > 1000  # moved from where the first packet began
 
 
 async def test_microphone_recovers_from_a_start_stalled_longer_than_the_anchoring() -> None:
@@ -234,8 +237,8 @@ async def test_microphone_recovers_from_a_start_stalled_longer_than_the_anchorin
     couple of seconds, not stay in it for minutes."""
     frames = 400
     stamps = [i * 960 for i in range(frames)]
-    arrivals = iter([1.5] * 76 + [i * 0.02 for i in range(75, frames)])
+    arrivals = iter([1.5] * 76 + [(i + 1) * 0.02 for i in range(75, frames)])
     _, microphone, ends = await _run_microphone(stamps, lambda: next(arrivals))
     assert abs(microphone.first_index) <= 320  # back where the peer's first sample belongs
-    arrived_end = (frames - 1) * 0.02 * 16000 + 320
+    arrived_end = frames * 0.02 * 16000
     assert abs(ends[-1] - arrived_end) <= 320
