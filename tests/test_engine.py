@@ -87,7 +87,7 @@ def test_pick_device() -> None:
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, backend) -> None:
     from wav2lip.blend import first_face_row
-    from wav2lip.engine import decode_lower, lower_cut
+    from wav2lip.still import StillGenerator, lower_cut
 
     rng = np.random.default_rng(2)
     face = rng.random((6, 96, 96), dtype=np.float32)
@@ -95,7 +95,7 @@ def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, ba
     full = Engine(wav2lip_model, device="cpu", backend="torch")
     first_row = first_face_row("feather")
     lower = Engine(wav2lip_model, device="cpu", first_row=first_row, backend=backend)
-    assert lower.cut > 0 and lower.first_exact_row <= first_row
+    assert 0 < lower.first_exact_row <= first_row
     expected = full.infer(full.prepare(face), mels)
     got = lower.infer(lower.prepare(face), mels)
     # Identical in every row the picture can show; above, the photo's own crop.
@@ -104,17 +104,21 @@ def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, ba
     crop = np.rint(face[3:].transpose(1, 2, 0) * 255).astype(np.uint8)
     top = lower.first_exact_row
     assert np.array_equal(got[:, :top], np.repeat(crop[None, :top], 3, 0))
-    # The rule behind it: cutting at row c of the 12-pixel input is exact from row 8c + 15.
-    feats = full.model.encode_face(torch.from_numpy(face[None]))
+    # The rule behind it: cutting at row c of the 12-pixel input is exact from row 8c + 15,
+    # with each photo's terms computed once.
+    folded = fold_batchnorm(wav2lip_model)
+    faces = torch.from_numpy(face[None])
     mel = torch.from_numpy(mels[:, None])
     with torch.no_grad():
-        reference = full.model.decode(mel, feats)
-        for cut in (1, 2, 3):
-            out = decode_lower(full.model, mel, feats, cut)
-            start = 8 * cut + 15
-            assert out.shape[2] == 96 - start
+        reference = folded.decode(mel, folded.encode_face(faces))
+        for row, cut in ((0, 0), (14, 0), (23, 1), (30, 1), (31, 2), (47, 4), (60, 5)):
+            generator = StillGenerator(folded, row).eval()
+            start = 8 * cut + 15 if cut else 0
+            assert generator.cut == cut == lower_cut(row)
+            assert generator.first_exact_row == start <= row
+            out = generator(mel, *generator.photo_terms(faces))
+            assert out.shape == (3, 3, 96 - start, 96)
             assert (out - reference[:, :, start:]).abs().max() < 1e-5
-    assert lower_cut(first_row) == (first_row - 15) // 8
 
 
 def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:

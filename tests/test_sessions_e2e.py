@@ -206,7 +206,8 @@ async def test_sessions_get_their_own_face_and_audio(faces_dir, speech_16k) -> N
 async def test_wav2lip_on_cpu_keeps_25_fps_with_bounded_lag(
     faces_dir, speech_16k, checkpoint_path
 ) -> None:
-    """Wav2Lip cannot infer every frame on this CPU; delivery and lag must not suffer."""
+    """Wav2Lip on this CPU: most frames inferred (all, when the two cores are not busy with
+    anything else); whatever is missed, delivery and lag must not suffer."""
     # The server loads random weights saved in the official training layout.
     server = await _start(None, checkpoint=checkpoint_path, device="cpu")
     audio = _speech_with_silence(speech_16k)
@@ -222,8 +223,9 @@ async def test_wav2lip_on_cpu_keeps_25_fps_with_bounded_lag(
     times = np.array([t for t, _, _ in peer.received.video])
     steady = times[times > times[0] + 1.0]
     assert (len(steady) - 1) / (steady[-1] - steady[0]) >= 24
-    assert stats["generated"] > 25  # frames really inferred
-    assert stats["repeated"] > 0  # and not all of them: the CPU is too slow
+    assert stats["generated"] >= stats["delivered"] // 2  # frames really inferred
+    # Each delivered frame is a new one or a repeat of the last one.
+    assert stats["delivered"] - stats["repeated"] <= stats["generated"]
     # Lag stays at the configured delay (plus scheduling noise), never growing.
     assert stats["lag_ms"] < session.options.delay * 1000 + 150
     reports = [e for e in peer.received.events if e["type"] == "stats"]

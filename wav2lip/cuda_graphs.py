@@ -22,7 +22,7 @@ WARM_UP_RUNS = 3  # cuDNN picks its algorithms before the graph records them
 class _Graph:
     graph: torch.cuda.CUDAGraph
     mel: torch.Tensor
-    features: list[torch.Tensor]
+    terms: list[torch.Tensor]
     out: torch.Tensor
 
 
@@ -32,7 +32,7 @@ def bucket(batch: int) -> int:
 
 
 class GraphedDecoder:
-    """`decode(mel, features)` with the same results, replayed from graphs recorded lazily."""
+    """`decode(mel, terms)` with the same results, replayed from graphs recorded lazily."""
 
     def __init__(self, decode: Decode, mel_shape: tuple[int, ...], max_batch: int = 64) -> None:
         self._decode = decode
@@ -40,31 +40,31 @@ class GraphedDecoder:
         self.max_batch = max_batch
         self._graphs: dict[int, _Graph] = {}
 
-    def __call__(self, mel: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, mel: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
         batch = mel.shape[0]
         if batch > self.max_batch:
-            return self._decode(mel, features)
+            return self._decode(mel, terms)
         size = bucket(batch)
-        recorded = self._graphs.get(size) or self._record(size, mel, features)
+        recorded = self._graphs.get(size) or self._record(size, mel, terms)
         recorded.mel[:batch].copy_(mel)
-        for buffer, level in zip(recorded.features, features):
-            buffer[:batch].copy_(level)  # a (1, ...) level is broadcast over the batch
+        for buffer, term in zip(recorded.terms, terms):
+            buffer[:batch].copy_(term)  # a (1, ...) term is broadcast over the batch
         recorded.graph.replay()
         return recorded.out[:batch]
 
-    def _record(self, size: int, mel: torch.Tensor, features: list[torch.Tensor]) -> _Graph:
+    def _record(self, size: int, mel: torch.Tensor, terms: list[torch.Tensor]) -> _Graph:
         static_mel = mel.new_zeros((size, *self._mel_shape))
-        static_features = [level.new_zeros((size, *level.shape[1:])) for level in features]
+        static_terms = [term.new_zeros((size, *term.shape[1:])) for term in terms]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARM_UP_RUNS):
-                self._decode(static_mel, static_features)
+                self._decode(static_mel, static_terms)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (a new session's face encoding) may use CUDA meanwhile.
+        # thread_local: other threads (a new photo's terms) may use CUDA meanwhile.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self._decode(static_mel, static_features)
-        recorded = _Graph(graph, static_mel, static_features, out)
+            out = self._decode(static_mel, static_terms)
+        recorded = _Graph(graph, static_mel, static_terms, out)
         self._graphs[size] = recorded
         return recorded

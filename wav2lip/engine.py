@@ -1,9 +1,9 @@
 """Batched Wav2Lip inference for still photos.
 
-A photo is prepared once: the face encoder's features of its model input are computed, since
-for a still photo they never change. Each frame then costs only the audio
-encoder and the decoder. BatchNorm is folded into the convolutions before any of this, which
-changes nothing but the arithmetic's rounding.
+A photo is prepared once: what the face encoder contributes to the decoder never changes for a
+still photo, so it is computed then (`still.StillGenerator`). Each frame then costs only the
+audio encoder and the decoder, on the rows the picture shows. BatchNorm is folded into the
+convolutions before any of this, which changes nothing but the arithmetic's rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from wav2lip import onnx_backend
 from wav2lip.cuda_graphs import GraphedDecoder
 from wav2lip.faces import face_crop
 from wav2lip.model import Wav2Lip
+from wav2lip.still import StillGenerator
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -76,53 +77,15 @@ class MouthEngine(Protocol):
         """
 
 
-# The decoder's last three stages (24, 48 and 96 pixels) are 71% of the work. A convolution's
-# output rows depend only on nearby input rows, so when only the lower rows of the face are
-# shown, those stages run on the lower rows alone. Starting the 24-pixel stage at row s of its
-# 12-pixel input: each transposed convolution (k3, s2, p1) is exact from row 2s of its output,
-# each of the two residual 3x3 convolutions after it spoils one more row at the cut, and the
-# output block's 3x3 convolution one more; so the 96-pixel output is exact from row 8s + 15.
-_LOWER_STAGES = 4  # index of the first decoder block that is cut
-_EXACT_FROM = 15  # output row exact when the cut is at row 0 of the 12-pixel input
-_EXACT_STEP = 8  # output rows gained per input row cut
-
-
-def lower_cut(first_row: int) -> int:
-    """The 12-pixel row to cut at so the 96-pixel output is exact from `first_row` on."""
-    return max(0, (first_row - _EXACT_FROM) // _EXACT_STEP)
-
-
-def decode_lower(
-    model: Wav2Lip, mel: torch.Tensor, feats: list[torch.Tensor], cut: int
-) -> torch.Tensor:
-    """`model.decode`, exact for output rows 8*cut + 15 onwards, which it alone returns."""
-    x = model.audio_encoder(mel)
-    batch = x.shape[0]
-    skips = list(reversed(feats))
-    blocks = model.face_decoder_blocks
-    for block, skip in zip(blocks[:_LOWER_STAGES], skips[:_LOWER_STAGES]):
-        x = torch.cat((block(x), skip.expand(batch, -1, -1, -1)), dim=1)
-    start = cut  # first row of x, in x's own full-size coordinates
-    x = x[:, :, cut:]
-    for block, skip in zip(blocks[_LOWER_STAGES:], skips[_LOWER_STAGES:]):
-        x = block(x)
-        start *= 2
-        x = torch.cat((x, skip[:, :, start:].expand(batch, -1, -1, -1)), dim=1)
-        x = x[:, :, 2:]  # the two rows the residual convolutions spoiled at the cut
-        start += 2
-    # The output block's 3x3 convolution spoils the first row again.
-    return model.output_block(x)[:, :, 1:]
-
-
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 
 
 @dataclass
 class PreparedFace:
-    """What the engine keeps per photo: the face features, computed once, and the crop that
-    stands in for rows the engine does not compute."""
+    """What the engine keeps per photo: its terms for the decoder, computed once, and the crop
+    that stands in for rows the engine does not compute."""
 
-    features: list[torch.Tensor]
+    terms: list[torch.Tensor]
     crop: np.ndarray
 
 
@@ -153,9 +116,9 @@ class Engine:
         self.device = pick_device(device)
         self.half = self.device.type == "cuda" if half is None else half
         self.dtype = torch.float16 if self.half else torch.float32
-        self.model = fold_batchnorm(model).to(self.device, self.dtype)
-        self.cut = lower_cut(first_row)
-        self.first_exact_row = _EXACT_STEP * self.cut + _EXACT_FROM if self.cut else 0
+        folded = fold_batchnorm(model).to(self.device, self.dtype)
+        self.generator = StillGenerator(folded, first_row).eval()
+        self.first_exact_row = self.generator.first_exact_row
         if backend == "auto":
             on_cpu = self.device.type == "cpu" and not self.half
             backend = "onnxruntime" if on_cpu and onnx_backend.available() else "torch"
@@ -167,7 +130,7 @@ class Engine:
         self.backend = backend
         self._onnx = (
             onnx_backend.OnnxDecoder(
-                self.model, self.cut, torch.get_num_threads(), int8=backend.endswith("int8")
+                self.generator, torch.get_num_threads(), int8=backend.endswith("int8")
             )
             if onnx
             else None
@@ -179,16 +142,14 @@ class Engine:
         self._graphs = GraphedDecoder(self._decode, (1, 80, 16)) if cuda_graphs else None
         self.cuda_graphs = cuda_graphs
 
-    def _decode(self, mel: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        if self.cut:
-            return decode_lower(self.model, mel, features, self.cut)
-        return self.model.decode(mel, features)
+    def _decode(self, mel: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+        return self.generator(mel, *terms)
 
     @torch.inference_mode()
     def prepare(self, face_input: np.ndarray) -> PreparedFace:
         """Encode the model input of a photo, (6, 96, 96) float in [0, 1], once."""
         faces = torch.from_numpy(face_input[None]).to(self.device, self.dtype)
-        return PreparedFace(self.model.encode_face(faces), face_crop(face_input))
+        return PreparedFace(self.generator.photo_terms(faces), face_crop(face_input))
 
     @torch.inference_mode()
     def infer(self, face: PreparedFace | Sequence[PreparedFace], mels: np.ndarray) -> np.ndarray:
@@ -196,18 +157,18 @@ class Engine:
         one photo per window. Pixels are truncated to uint8 as the official inference does."""
         photos = [face] if isinstance(face, PreparedFace) else list(face)
         if all(photo is photos[0] for photo in photos):
-            features = photos[0].features  # broadcast over the batch
+            terms = photos[0].terms  # broadcast over the batch
         else:
-            features = [torch.cat(level) for level in zip(*(p.features for p in photos))]
+            terms = [torch.cat(stage) for stage in zip(*(p.terms for p in photos))]
         mel = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32)[:, None])
         if self._onnx is not None:
-            out = torch.from_numpy(self._onnx(mel.numpy(), [f.numpy() for f in features]))
+            out = torch.from_numpy(self._onnx(mel.numpy(), [t.numpy() for t in terms]))
         else:
             decode = self._graphs or self._decode
-            out = decode(mel.to(self.device, self.dtype), features)
+            out = decode(mel.to(self.device, self.dtype), terms)
         # Truncated to uint8 where it was computed: a quarter of the bytes to copy back.
         pixels = out.float().mul_(255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        if not self.cut:
+        if not self.first_exact_row:
             return pixels
         top = self.first_exact_row
         mouths = np.empty((len(mels), *photos[0].crop.shape), np.uint8)

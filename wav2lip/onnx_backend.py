@@ -3,7 +3,7 @@
 Same graph, same fp32 arithmetic (within a thousandth of a pixel level of PyTorch), but ONNX
 Runtime's CPU kernels run this network's small convolutions much faster than PyTorch's eager
 ones at the small batches real time allows (measured in docs/benchmarks.md). The decoder is
-exported once when the engine is made, with the per-photo face features as inputs.
+exported once when the engine is made, with the per-photo terms as inputs.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
-from wav2lip.model import Wav2Lip
-
-FEATURES = 7  # the face encoder's stages, each an input of the decoder
+from wav2lip.still import StillGenerator
 
 
 def available() -> bool:
@@ -28,51 +25,40 @@ def available() -> bool:
     return True
 
 
-class _Decoder(nn.Module):
-    """`decode` (or `decode_lower`) with the face features as separate inputs, for export."""
-
-    def __init__(self, model: Wav2Lip, cut: int) -> None:
-        super().__init__()
-        self.model = model
-        self.cut = cut
-
-    def forward(self, mel: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        from wav2lip.engine import decode_lower  # the engine imports this module
-
-        if self.cut:
-            return decode_lower(self.model, mel, list(feats), self.cut)
-        return self.model.decode(mel, list(feats))
-
-
 class OnnxDecoder:
-    """Decodes mel windows (B, 1, 80, 16) with face features (1 or B each) on ONNX Runtime.
+    """Runs a `StillGenerator` on mel windows (B, 1, 80, 16) and a photo's terms (1 or B each)
+    on ONNX Runtime.
 
     `int8` quantizes the decoder (static, per channel, calibrated on synthetic faces and mel
     windows): faster, but not exact; the benchmark reports by how much it differs.
     """
 
-    def __init__(self, model: Wav2Lip, cut: int, threads: int, int8: bool = False) -> None:
+    def __init__(self, generator: StillGenerator, threads: int, int8: bool = False) -> None:
         import onnxruntime
 
-        names = ["mel"] + [f"face{i}" for i in range(FEATURES)]
         with torch.inference_mode():
-            feats = model.encode_face(torch.zeros(1, 6, 96, 96))
+            terms = generator.photo_terms(torch.zeros(1, 6, 96, 96))
+        names = ["mel"] + [f"term{i}" for i in range(len(terms))]
         buffer = io.BytesIO()
         with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _Decoder(model, cut).eval(),
-                (torch.zeros(2, 1, 80, 16), *feats),
+                generator,
+                (torch.zeros(2, 1, 80, 16), *terms),
                 buffer,
                 input_names=names,
                 output_names=["face"],
-                dynamic_axes={name: {0: "batch"} for name in [*names, "face"]},
+                # Terms have batch 1 (one photo, broadcast) or the mel windows' batch.
+                dynamic_axes={
+                    name: {0: "photos" if name.startswith("term") else "batch"}
+                    for name in [*names, "face"]
+                },
                 opset_version=17,
                 dynamo=False,
             )
         graph = buffer.getvalue()
         if int8:
-            graph = _quantize(graph, model)
+            graph = _quantize(graph, generator)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -83,15 +69,15 @@ class OnnxDecoder:
             graph, options, providers=["CPUExecutionProvider"]
         )
 
-    def __call__(self, mel: np.ndarray, feats: list[np.ndarray]) -> np.ndarray:
-        inputs = {"mel": mel, **{f"face{i}": f for i, f in enumerate(feats)}}
+    def __call__(self, mel: np.ndarray, terms: list[np.ndarray]) -> np.ndarray:
+        inputs = {"mel": mel, **{f"term{i}": t for i, t in enumerate(terms)}}
         return self._session.run(None, inputs)[0]
 
 
 CALIBRATION_SAMPLES = 32
 
 
-def _calibration(model: Wav2Lip) -> list[dict[str, np.ndarray]]:
+def _calibration(still: StillGenerator) -> list[dict[str, np.ndarray]]:
     """Inputs spanning what the decoder sees: smooth random faces and mel windows from
     silence (-4) to loud speech."""
     generator = torch.Generator().manual_seed(0)
@@ -100,15 +86,15 @@ def _calibration(model: Wav2Lip) -> list[dict[str, np.ndarray]]:
         for _ in range(CALIBRATION_SAMPLES):
             coarse = torch.rand(1, 6, 12, 12, generator=generator)
             face = torch.nn.functional.interpolate(coarse, size=96, mode="bilinear")
-            feats = model.encode_face(face)
+            terms = still.photo_terms(face)
             mel = torch.rand(1, 1, 80, 16, generator=generator) * 6 - 4
             samples.append(
-                {"mel": mel.numpy(), **{f"face{i}": f.numpy() for i, f in enumerate(feats)}}
+                {"mel": mel.numpy(), **{f"term{i}": t.numpy() for i, t in enumerate(terms)}}
             )
     return samples
 
 
-def _quantize(graph: bytes, model: Wav2Lip) -> bytes:
+def _quantize(graph: bytes, generator: StillGenerator) -> bytes:
     import tempfile
     from pathlib import Path
 
@@ -121,7 +107,7 @@ def _quantize(graph: bytes, model: Wav2Lip) -> bytes:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._samples = iter(_calibration(model))
+            self._samples = iter(_calibration(generator))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._samples, None)
