@@ -189,6 +189,7 @@ def _summary(peer: LipSyncPeer, first_video: int, first_event: int) -> dict[str,
     return {
         "delivered_fps": round((len(times) - 1) / (times[-1] - times[0]), 1),
         "generated_fps": round(float(np.mean([s["generated_fps"] for s in stats])), 1),
+        "generated_fps_by_second": [s["generated_fps"] for s in stats],
         "lag_p50_ms": round(float(np.median(lag50))),
         "lag_p95_ms": round(float(np.percentile(lag95, 95))),
         "dropped_total": stats[-1]["dropped"],

@@ -17,8 +17,8 @@ from aiortc.sdp import SessionDescription
 
 from rtc_server.scheduler import InferenceScheduler
 from rtc_server.session import Photo, Session, SessionOptions
-from rtc_server.threads import name_this_thread
 from wav2lip.engine import MouthEngine
+from wav2lip.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 

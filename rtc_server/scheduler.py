@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rtc_server.threads import name_this_thread
 from wav2lip.engine import MouthEngine
+from wav2lip.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,25 @@ BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 # about 1 ms, of 16 about 2 ms).
 BATCH_WINDOW = 0.005
 COMPOSE_THREADS = min(4, os.cpu_count() or 1)  # OpenCV and PyAV release the GIL as they work
+RECENT_BATCHES = 50  # full batches the device's speed is judged on: 2 s of one session
+
+
+class Capacity:
+    """The device's seconds per frame: the median over the last full batches.
+
+    A median, not a running mean: a moment when another process takes a core makes a batch or
+    two slow without making the device slower. Judged on a running mean, one session on the
+    2-core CPU had a frame in 30 to 100 skipped as if the device were overloaded, although
+    none would have been late. A real slowdown moves the median within a second or two.
+    """
+
+    def __init__(self, seconds_per_frame: float) -> None:
+        self._recent: deque[float] = deque([seconds_per_frame], maxlen=RECENT_BATCHES)
+        self.seconds_per_frame = seconds_per_frame
+
+    def add(self, seconds_per_frame: float) -> None:
+        self._recent.append(seconds_per_frame)
+        self.seconds_per_frame = float(np.median(self._recent))
 
 
 class FrameSink(Protocol):
@@ -102,9 +122,18 @@ class InferenceScheduler:
         # batch, never on smaller ones: a single frame costs far more than its share of a
         # batch, and judged on those an overloaded device would look slower than it is, wait
         # less to batch, get smaller batches, and spiral down.
-        self.seconds_per_frame = 0.02
+        self._capacity = Capacity(0.02)
         self._credit: dict[FrameSink, float] = {}
         self._last_submit: dict[FrameSink, float] = {}
+
+    @property
+    def seconds_per_frame(self) -> float:
+        return self._capacity.seconds_per_frame
+
+    @seconds_per_frame.setter
+    def seconds_per_frame(self, value: float) -> None:
+        """Judge the device afresh from `value` (the warm-up's measure, or a test's)."""
+        self._capacity = Capacity(value)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -235,7 +264,7 @@ class InferenceScheduler:
         frames = list(self._composers.map(_compose, batch, mouths))
         per_frame = (time.monotonic() - started) / len(batch)
         if len(batch) == self.max_batch:
-            self.seconds_per_frame = 0.8 * self.seconds_per_frame + 0.2 * per_frame
+            self._capacity.add(per_frame)
         for job, frame in zip(batch, frames):
             self._call(job.sink.deliver, job.index, frame, infer_seconds)
 

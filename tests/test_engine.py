@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +161,12 @@ def test_cuda_graphs_give_the_eager_pixels(wav2lip_model: Wav2Lip, half: bool) -
             assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
     # Replays really use the new inputs: different windows give different mouths.
     assert np.abs(got[0].astype(int) - got[1].astype(int)).max() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names are Linux's")
+def test_onnx_runtime_workers_are_named_inference(wav2lip_model: Wav2Lip) -> None:
+    """`top -H` and the benchmark see ONNX Runtime's worker as inference, not as python."""
+    engine = Engine(wav2lip_model, device="cpu", backend="onnxruntime")
+    engine.infer(engine.prepare(np.zeros((6, 96, 96), np.float32)), np.zeros((1, 80, 16)))
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    assert torch.get_num_threads() == 1 or "inference" in names

@@ -12,7 +12,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from rtc_server.microphone import Microphone
-from rtc_server.scheduler import InferenceScheduler
+from rtc_server.scheduler import FPS, HEADROOM, RECENT_BATCHES, Capacity, InferenceScheduler
 from rtc_server.timeline import AudioTimeline
 from wav2lip.audio import melspectrogram, samples_needed
 
@@ -215,6 +215,20 @@ async def test_an_overloaded_device_is_shared_evenly() -> None:
         assert max(np.diff(frames)) <= 3  # never more than two skipped in a row
     scheduler.forget(a)
     assert all(job.sink is b for job in scheduler._heap)
+
+
+def test_a_passing_slow_batch_is_not_lost_capacity() -> None:
+    """One slow frame in ten (another process took a core for a moment) leaves the device's
+    measured speed where it is, so one session gets every frame; a lasting slowdown moves it
+    within a couple of seconds."""
+    capacity = Capacity(0.03)
+    for i in range(100):
+        capacity.add(0.09 if i % 10 == 0 else 0.03)
+    assert capacity.seconds_per_frame == pytest.approx(0.03)
+    assert min(1.0, HEADROOM / (capacity.seconds_per_frame * FPS)) == 1.0  # no frame skipped
+    for _ in range(RECENT_BATCHES // 2 + 1):
+        capacity.add(0.05)
+    assert capacity.seconds_per_frame == pytest.approx(0.05)
 
 
 async def test_microphone_follows_a_drifting_sender_clock() -> None:

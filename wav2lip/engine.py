@@ -148,7 +148,7 @@ class Engine:
     @torch.inference_mode()
     def prepare(self, face_input: np.ndarray) -> PreparedFace:
         """Encode the model input of a photo, (6, 96, 96) float in [0, 1], once."""
-        faces = torch.from_numpy(face_input[None]).to(self.device, self.dtype)
+        faces = torch.tensor(face_input[None]).to(self.device, self.dtype)  # may be read-only
         return PreparedFace(self.generator.photo_terms(faces), face_crop(face_input))
 
     @torch.inference_mode()
