@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT.parent / "shared" / "testdata" / "faces" / "obama.jpg"
 RESULTS = ROOT / "bench" / "results"
 GPU_BATCHES = [1, 4, 16, 32, 64]
+ROUNDS = 10  # each engine and the plain forward, timed in turn
+PAUSE = 0.2  # seconds between timed runs
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -83,13 +85,24 @@ def machine(device: str) -> dict[str, object]:
 def _per_frame(run, frames: int, repeats: int = 5) -> float:
     """Seconds per frame of `run` (which must wait for its result), best of `repeats` after a
     warm-up."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return _interleaved({"run": (run, frames)}, repeats)["run"]
+
+
+def _interleaved(runs: dict[str, tuple], rounds: int) -> dict[str, float]:
+    """Seconds per frame of each `(run, frames)`, best of `rounds` taken in turn: a machine
+    that slows down for a while (noisy neighbours, clock changes) slows them all alike, so
+    their ratios hold. A pause before each run lets the previous one's threads (PyTorch's
+    spin as they wait for more work) leave the cores."""
+    for run, _ in runs.values():
         run()
-        best = min(best, time.perf_counter() - start)
-    return best / frames
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, (run, frames) in runs.items():
+            time.sleep(PAUSE)
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - start) / frames)
+    return best
 
 
 def _variants(device: str) -> dict[str, dict[str, object]]:
@@ -119,34 +132,43 @@ def bench_engine(
     def plain(count: int) -> torch.Tensor:
         return model(mel_t[:count], faces_t[:count]).cpu()
 
-    plain_1 = _per_frame(lambda: plain(1), 1)
     plain_out = (plain(batch).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     blender = Blender(box, image.shape)
     shown_plain = [blender.paste(image, mouth).astype(int) for mouth in plain_out]
+    engines = {
+        name: Engine(model, device=device, first_row=first_face_row("feather"), **options)
+        for name, options in _variants(device).items()
+    }
+    prepared = {name: engine.prepare(face) for name, engine in engines.items()}
+    runs = {
+        name: (functools.partial(engine.infer, prepared[name], mels[:batch]), batch)
+        for name, engine in engines.items()
+    }
+    runs["plain"] = (lambda: plain(1), 1)
+    if batch > 1:
+        runs["plain_batch"] = (lambda: plain(batch), batch)
+    seconds = _interleaved(runs, ROUNDS)
+    plain_1 = seconds["plain"]
     report: dict[str, object] = {
         "device": device,
         "batch": batch,
         "plain_ms_per_frame_batch1": round(plain_1 * 1000, 2),
     }
     if batch > 1:
-        plain_b = _per_frame(lambda: plain(batch), batch)
-        report[f"plain_ms_per_frame_batch{batch}"] = round(plain_b * 1000, 2)
+        report[f"plain_ms_per_frame_batch{batch}"] = round(seconds["plain_batch"] * 1000, 2)
     # Each configuration's difference is in what is shown: both pasted into the photo with the
     # feathered blend.
-    for name, options in _variants(device).items():
-        engine = Engine(model, device=device, first_row=first_face_row("feather"), **options)
-        prepared = engine.prepare(face)
-        run = functools.partial(engine.infer, prepared, mels[:batch])
-        seconds = _per_frame(run, batch)
+    for name, engine in engines.items():
+        run = runs[name][0]
         shown = [blender.paste(image, mouth) for mouth in run()]
         diff = max(int(np.abs(a - b).max()) for a, b in zip(shown_plain, shown))
-        report[f"engine_{name}_ms_per_frame"] = round(seconds * 1000, 2)
-        report[f"engine_{name}_fps"] = round(1 / seconds)
-        report[f"engine_{name}_speedup_vs_plain_batch1"] = round(plain_1 / seconds, 2)
+        report[f"engine_{name}_ms_per_frame"] = round(seconds[name] * 1000, 2)
+        report[f"engine_{name}_fps"] = round(1 / seconds[name])
+        report[f"engine_{name}_speedup_vs_plain_batch1"] = round(plain_1 / seconds[name], 2)
         report[f"engine_{name}_max_difference_shown"] = diff
         for count in batches:
             if count != batch:
-                run = functools.partial(engine.infer, prepared, mels[:count])
+                run = functools.partial(engine.infer, prepared[name], mels[:count])
                 report[f"engine_{name}_ms_per_frame_batch{count}"] = round(
                     _per_frame(run, count) * 1000, 3
                 )
@@ -208,11 +230,13 @@ async def _peers(url: str, count: int, speech: np.ndarray, start_at: float, seco
         late = time.time() > start_at
         await asyncio.sleep(max(0.0, start_at - time.time()))
         marks = [(len(p.received.video), len(p.received.events)) for p in peers]
+        cpu, wall = time.process_time(), time.monotonic()
         await asyncio.sleep(seconds)
+        cpu_percent = (time.process_time() - cpu) / (time.monotonic() - wall) * 100
         results = [_summary(p, video, event) for p, (video, event) in zip(peers, marks)]
         for peer in peers:
             await peer.close(http)
-    return {"connected_late": late, "per_session": results}
+    return {"connected_late": late, "cpu_percent": cpu_percent, "per_session": results}
 
 
 def _peer_group(url: str, count: int, speech: np.ndarray, start_at: float, seconds: float):
@@ -253,6 +277,8 @@ def _measure(
         "server_cpu_percent": sum(threads.values()),
         "server_cpu_by_thread_percent": {k: v for k, v in threads.items() if v >= 1},
         "gpu_utilisation_percent": round(float(np.mean(gpu))) if gpu else None,
+        # The peers share the machine: what they take, the server cannot have.
+        "peers_cpu_percent": round(sum(outcome["cpu_percent"] for outcome in outcomes)),
         "peers_connected_late": any(outcome["connected_late"] for outcome in outcomes),
         "per_session": [s for outcome in outcomes for s in outcome["per_session"]],
     }
@@ -353,10 +379,11 @@ def markdown(report: dict) -> str:
         "| --- | --- |",
         *[f"| {key} | {value} |" for key, value in e.items()],
         "",
-        "| sessions | servers | server CPU | by thread | GPU busy | delivered fps (min) "
+        "| sessions | servers | server CPU | by thread | peers' CPU | GPU busy "
+        "| delivered fps (min) "
         "| generated fps (min-max) | lag p50 ms (median) | lag p95 ms (max) | dropped (max) "
         "| longest repeat run (max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["sessions"]:
         per = run["per_session"]
@@ -366,7 +393,7 @@ def markdown(report: dict) -> str:
         late = " (peers connected late)" if run["peers_connected_late"] else ""
         lines.append(
             f"| {run['sessions']}{late} | {run['servers']} | {run['server_cpu_percent']}% "
-            f"| {threads} "
+            f"| {threads} | {run.get('peers_cpu_percent', '-')}% "
             f"| {'-' if gpu is None else f'{gpu}%'} "
             f"| {min(s['delivered_fps'] for s in per)} | {min(generated)}-{max(generated)} "
             f"| {round(float(np.median([s['lag_p50_ms'] for s in per])))} "
