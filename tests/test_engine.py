@@ -89,7 +89,7 @@ def test_pick_device() -> None:
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, backend) -> None:
     from wav2lip.blend import first_face_row
-    from wav2lip.still import StillGenerator, lower_cut
+    from wav2lip.still import StillGenerator
 
     rng = np.random.default_rng(2)
     face = rng.random((6, 96, 96), dtype=np.float32)
@@ -106,21 +106,22 @@ def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, ba
     crop = np.rint(face[3:].transpose(1, 2, 0) * 255).astype(np.uint8)
     top = lower.first_exact_row
     assert np.array_equal(got[:, :top], np.repeat(crop[None, :top], 3, 0))
-    # The rule behind it: cutting at row c of the 12-pixel input is exact from row 8c + 15,
-    # with each photo's terms computed once.
+    # Any first row: each stage runs on the rows the next needs, and the rows returned are
+    # those of the plain decoder; from row 2 on, exactly the rows asked for.
     folded = fold_batchnorm(wav2lip_model)
     faces = torch.from_numpy(face[None])
     mel = torch.from_numpy(mels[:, None])
     with torch.no_grad():
         reference = folded.decode(mel, folded.encode_face(faces))
-        for row, cut in ((0, 0), (14, 0), (23, 1), (30, 1), (31, 2), (47, 4), (60, 5)):
+        for row in (0, 1, 2, 10, 23, 31, 47, 60, 95):
             generator = StillGenerator(folded, row).eval()
-            start = 8 * cut + 15 if cut else 0
-            assert generator.cut == cut == lower_cut(row)
-            assert generator.first_exact_row == start <= row
+            start = generator.first_exact_row
+            assert start == (row if row >= 2 else 0)
             out = generator(mel, *generator.photo_terms(faces))
             assert out.shape == (3, 3, 96 - start, 96)
             assert (out - reference[:, :, start:]).abs().max() < 1e-5
+        # Less is computed than before the cut: the 12-pixel stage starts at row 2 for 47.
+        assert StillGenerator(folded, 47).starts[2:] == [2, 8, 20, 44, 46]
 
 
 def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:

@@ -7,12 +7,12 @@ Two exact rewrites of the official decoder (BatchNorm already folded into the co
    each; for a still photo the skip part (plus the bias) never changes, so it is computed once
    per photo and each frame adds it. The same holds for the output block's first convolution.
 2. Lower rows. Only the lower face is shown (the feathered blend), and a convolution's output
-   rows depend only on nearby input rows, so the decoder's 24, 48 and 96 pixel stages (71% of
-   the work) run on the lower rows plus a halo. Cutting the 24-pixel stage's 12-pixel input at
-   row c: each transposed convolution (k3, s2, p1) is exact from row 2s of its output when its
-   input starts at row s, each residual 3x3 convolution after it spoils one more row at the
-   cut, and the output block's 3x3 convolution one more; so the 96-pixel output is exact from
-   row 8c + 15.
+   rows depend only on nearby input rows, so each decoder stage runs on the rows the next one
+   needs and no others. A transposed convolution (k3, s2, p1) whose input starts at row s is
+   exact from row 2s of its output; each 3x3 convolution after it spoils one row at the cut,
+   which is dropped. Working back from the first row shown (47 of 96) gives each stage's
+   first row: the 12, 24, 48 and 96 pixel stages (most of the work) run on 10, 16, 28 and 52
+   of their rows, which end exactly as the plain forward computes them.
 
 Only the order of the additions changes, so the pixels match the plain forward to within the
 rounding of the last bit (the tests compare them).
@@ -25,15 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from wav2lip.model import Wav2Lip
-
-_CUT_STAGE = 4  # the first decoder stage that runs on the lower rows only (24 pixels)
-_EXACT_FROM = 15  # output row exact from, when the cut is at row 0 of the 12-pixel input
-_EXACT_STEP = 8  # output rows gained per input row cut
-
-
-def lower_cut(first_row: int) -> int:
-    """The 12-pixel row to cut at so the 96-pixel output is exact from `first_row` on."""
-    return max(0, (first_row - _EXACT_FROM) // _EXACT_STEP)
 
 
 class _Join(nn.Module):
@@ -78,7 +69,6 @@ class StillGenerator(nn.Module):
 
     def __init__(self, model: Wav2Lip, first_row: int = 0) -> None:
         super().__init__()
-        self.cut = lower_cut(first_row)
         self.wav2lip = model  # its encoders run as they are
         self.first_block = model.face_decoder_blocks[0]  # the embedding's 1x1 conv, no skip
         # Stages 1-6 are the other decoder blocks, stage 7 the output block. Stage k joins the
@@ -87,25 +77,37 @@ class StillGenerator(nn.Module):
         stages.append((model.output_block[0], model.output_block[1:]))
         self.joins = nn.ModuleList()
         self.rests = nn.ModuleList()
-        self.starts: list[int] = []  # each join's first output row, in its stage's rows
-        self.trims: list[int] = []  # rows each stage spoils at the cut, dropped after it
-        start = 0
         for stage, (join, rest) in enumerate(stages, 1):
-            layer = join.conv_block[0]
             skip = model.face_encoder_blocks[7 - stage][-1].conv_block[0].out_channels
-            self.joins.append(_Join(layer, skip))
+            self.joins.append(_Join(join.conv_block[0], skip))
             self.rests.append(nn.Sequential(*rest))
-            if stage == _CUT_STAGE:
-                start = self.cut
-            start *= layer.stride[0]
+        # Every 3x3 convolution at stride 1 spoils a row at a cut: each decoder stage's
+        # residual layers, and the output block's join (its rest is a 1x1 convolution).
+        spoils = [len(rest) for _, rest in stages[:-1]] + [1]
+        # From the last stage back: the first input row each stage needs so that what it
+        # returns is exact from the row the next one needs. A transposed convolution with
+        # stride 2 doubles rows; the first stage's (3x3 from 1x1) is never cut.
+        needs = []
+        need = first_row
+        for join, spoil in zip(reversed(self.joins), reversed(spoils)):
+            stride = join.stride[0]
+            need = max(0, (need - spoil) // stride) if join is not self.joins[0] else 0
+            needs.append(need)
+        needs.reverse()
+        # Then forwards: rows dropped before each stage, where its join's output starts, and
+        # rows dropped after it (spoiled at the cut).
+        self.drops: list[int] = []
+        self.starts: list[int] = []
+        self.trims: list[int] = []
+        offset = 0  # the first row of the running features, in their own rows
+        for join, spoil, need in zip(self.joins, spoils, needs):
+            self.drops.append(need - offset)
+            start = need * join.stride[0]
+            trim = spoil if start else 0
             self.starts.append(start)
-            # Every 3x3 convolution at stride 1 spoils a row at a cut: the decoder stages'
-            # residual layers, and the output block's join (its rest is a 1x1 convolution).
-            spoiling = len(rest) if stage < len(stages) else 1
-            trim = spoiling if start else 0
             self.trims.append(trim)
-            start += trim
-        self.first_exact_row = start
+            offset = start + trim
+        self.first_exact_row = offset
 
     def photo_terms(self, faces: torch.Tensor) -> list[torch.Tensor]:
         """A photo's constant terms, one per stage, from its (B, 6, 96, 96) model input."""
@@ -119,10 +121,12 @@ class StillGenerator(nn.Module):
         """(B, 1, 80, 16) mel windows and a photo's terms (batch 1 or B) to (B, 3, R, 96)
         faces in [0, 1], R = 96 - `first_exact_row`."""
         x = self.first_block(self.wav2lip.audio_encoder(mel))
-        for stage, (join, rest, term, trim) in enumerate(
-            zip(self.joins, self.rests, terms, self.trims), 1
+        for join, rest, term, drop, trim in zip(
+            self.joins, self.rests, terms, self.drops, self.trims
         ):
-            if stage == _CUT_STAGE:
-                x = x[:, :, self.cut :]
-            x = rest(torch.relu(join(x, term)))[:, :, trim:]
+            if drop:  # no empty slices: each costs a copy in ONNX Runtime
+                x = x[:, :, drop:]
+            x = rest(torch.relu(join(x, term)))
+            if trim:
+                x = x[:, :, trim:]
         return x
