@@ -226,6 +226,11 @@ def test_call_streams_the_avatar_at_25_fps(open_page, base_url, faces_dir: Path)
           return !img.src.includes('/default/') && img.complete && img.naturalWidth > 0;
         }"""
     )
+    # The description follows once the picture has decoded.
+    page.wait_for_function(
+        """() => document.querySelector('[data-testid="photo-info"]')
+                   .textContent.startsWith('Your photo')"""
+    )
     assert "Your photo" in watch.by_id("photo-info").inner_text()
     assert "face found" in watch.by_id("photo-info").inner_text()
 
