@@ -62,9 +62,10 @@ class _Join(nn.Module):
 class StillGenerator(nn.Module):
     """Mel windows to the lower rows of the generated face, given a photo's terms.
 
-    `model` must have its BatchNorm folded (`engine.fold_batchnorm`); this module shares its
-    weights. `first_row`: the first row of the 96x96 face that is shown; rows from
-    `first_exact_row` (at most `first_row`) are returned; 0 computes them all.
+    `model` must have its BatchNorm folded (`engine.fold_batchnorm`); this module runs its
+    layers, with each join's weights split in two. `first_row`: the first row of the 96x96
+    face that is shown; rows from `first_exact_row` (at most `first_row`) are returned; 0
+    computes them all.
     """
 
     def __init__(self, model: Wav2Lip, first_row: int = 0) -> None:
@@ -89,11 +90,10 @@ class StillGenerator(nn.Module):
         # stride 2 doubles rows; the first stage's (3x3 from 1x1) is never cut.
         needs = []
         need = first_row
-        for join, spoil in zip(reversed(self.joins), reversed(spoils)):
-            stride = join.stride[0]
-            need = max(0, (need - spoil) // stride) if join is not self.joins[0] else 0
+        for join, spoil in zip(reversed(self.joins[1:]), reversed(spoils[1:])):
+            need = max(0, (need - spoil) // join.stride[0])
             needs.append(need)
-        needs.reverse()
+        needs = [0, *reversed(needs)]
         # Then forwards: rows dropped before each stage, where its join's output starts, and
         # rows dropped after it (spoiled at the cut).
         self.drops: list[int] = []
