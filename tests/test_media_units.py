@@ -12,7 +12,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from rtc_server.microphone import Microphone
-from rtc_server.scheduler import FPS, HEADROOM, RECENT_BATCHES, Capacity, InferenceScheduler
+from rtc_server.scheduler import RECENT_BATCHES, Capacity, InferenceScheduler
 from rtc_server.timeline import AudioTimeline
 from wav2lip.audio import melspectrogram, samples_needed
 
@@ -225,10 +225,18 @@ def test_a_passing_slow_batch_is_not_lost_capacity() -> None:
     for i in range(100):
         capacity.add(0.09 if i % 10 == 0 else 0.03)
     assert capacity.seconds_per_frame == pytest.approx(0.03)
-    assert min(1.0, HEADROOM / (capacity.seconds_per_frame * FPS)) == 1.0  # no frame skipped
+    scheduler = InferenceScheduler(_FastEngine(), max_batch=1)
+    scheduler._capacity = capacity
+    sink, mel = _Sink(), np.zeros((80, 16), np.float32)
+    due = time.monotonic() + 10
+    assert all(scheduler.submit(sink, i, mel, due) for i in range(50))  # none skipped
     for _ in range(RECENT_BATCHES // 2 + 1):
         capacity.add(0.05)
     assert capacity.seconds_per_frame == pytest.approx(0.05)
+    # Now 25 fps at 50 ms a frame is more than the device makes: frames are skipped, evenly.
+    accepted = [i for i in range(50) if scheduler.submit(sink, 50 + i, mel, due)]
+    assert abs(len(accepted) - 50 * 0.9 / (0.05 * 25)) <= 1  # HEADROOM of its 20 fps
+    assert max(np.diff(accepted)) == 2
 
 
 async def test_microphone_follows_a_drifting_sender_clock() -> None:
