@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -29,19 +29,5 @@ def name_this_thread(name: str) -> None:
 def in_named_thread(name: str, make: Callable[[], T]) -> T:
     """`make()`, called on a new thread named `name`, so that the threads a native library
     starts inside it (ONNX Runtime's workers) carry that name too."""
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        name_this_thread(name)
-        try:
-            result.append(make())
-        except BaseException as exc:  # re-raised on the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    with ThreadPoolExecutor(1, initializer=name_this_thread, initargs=(name,)) as pool:
+        return pool.submit(make).result()
