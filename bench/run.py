@@ -378,6 +378,10 @@ def markdown(report: dict) -> str:
         "| engine measure | value |",
         "| --- | --- |",
         *[f"| {key} | {value} |" for key, value in e.items()],
+    ]
+    if not report["sessions"]:
+        return "\n".join(lines) + "\n"
+    lines += [
         "",
         "| sessions | servers | server CPU | by thread | peers' CPU | GPU busy "
         "| delivered fps (min) "
@@ -410,7 +414,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="the engine's batch size")
     parser.add_argument("--photo", type=Path, default=PHOTO, help="the face for the engine")
     parser.add_argument("--speech", type=Path, help="a speech recording (default: espeak-ng)")
-    parser.add_argument("--sessions", type=int, nargs="*", default=[1, 2])
+    parser.add_argument(
+        "--sessions", type=int, nargs="*", default=[1, 2], help="session counts (none: engine only)"
+    )
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--peer-processes", type=int, default=1)
     parser.add_argument("--delay", type=float, help="the server's delay (default: its own)")
@@ -431,7 +437,7 @@ def main() -> None:
         report["sessions"] = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
             args.peer_processes, args.delay, args.servers, args.out / "server.log",
-        )  # fmt: skip
+        ) if args.sessions else []  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))
     print(markdown(report))

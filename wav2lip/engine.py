@@ -116,9 +116,6 @@ class Engine:
         self.device = pick_device(device)
         self.half = self.device.type == "cuda" if half is None else half
         self.dtype = torch.float16 if self.half else torch.float32
-        folded = fold_batchnorm(model).to(self.device, self.dtype)
-        self.generator = StillGenerator(folded, first_row).eval()
-        self.first_exact_row = self.generator.first_exact_row
         if backend == "auto":
             on_cpu = self.device.type == "cpu" and not self.half
             backend = "onnxruntime" if on_cpu and onnx_backend.available() else "torch"
@@ -128,10 +125,13 @@ class Engine:
         if onnx and (self.device.type != "cpu" or self.half):
             raise ValueError("the onnxruntime backends run on the CPU in fp32 only")
         self.backend = backend
+        int8 = backend.endswith("int8")
+        # Built in fp32, then cast: its folded weights are rounded once.
+        generator = StillGenerator(fold_batchnorm(model), first_row, fold_residuals=not int8)
+        self.generator = generator.to(self.device, self.dtype).eval()
+        self.first_exact_row = self.generator.first_exact_row
         self._onnx = (
-            onnx_backend.OnnxDecoder(
-                self.generator, torch.get_num_threads(), int8=backend.endswith("int8")
-            )
+            onnx_backend.OnnxDecoder(self.generator, torch.get_num_threads(), int8=int8)
             if onnx
             else None
         )

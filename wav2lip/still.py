@@ -1,6 +1,6 @@
 """The generator rebuilt for a still photo: per frame, only what the audio changes.
 
-Two exact rewrites of the official decoder (BatchNorm already folded into the convolutions):
+Three exact rewrites of the official decoder (BatchNorm already folded into the convolutions):
 
 1. Photo terms. Each decoder stage convolves the concatenation of the previous stage's output
    and the face encoder's skip features. A convolution is linear, so it splits into a part on
@@ -9,10 +9,15 @@ Two exact rewrites of the official decoder (BatchNorm already folded into the co
 2. Lower rows. Only the lower face is shown (the feathered blend), and a convolution's output
    rows depend only on nearby input rows, so each decoder stage runs on the rows the next one
    needs and no others. A transposed convolution (k3, s2, p1) whose input starts at row s is
-   exact from row 2s of its output; each 3x3 convolution after it spoils one row at the cut,
-   which is dropped. Working back from the first row shown (47 of 96) gives each stage's
-   first row: the 12, 24, 48 and 96 pixel stages (most of the work) run on 10, 16, 28 and 52
-   of their rows, which end exactly as the plain forward computes them.
+   exact from row 2s of its output. A 3x3 convolution whose input starts at such a cut is given
+   no padding above it, so it returns only its exact rows: one fewer at the top, none computed
+   to be thrown away. Working back from the first row shown (47 of 96) gives each stage's first
+   row: the 12, 24, 48 and 96 pixel stages (most of the work) run on 10, 16, 28 and 52 of their
+   rows, less one row per convolution after the cut.
+3. Residuals in the weights. A residual block, relu(x + conv(x)), is one convolution whose
+   centre tap has the identity added; ONNX Runtime then fuses each block into one kernel and
+   keeps the features in its blocked layout from one block to the next. (Not for int8: a
+   centre tap near 1 would take the whole range of its channel's quantized weights.)
 
 Only the order of the additions changes, so the pixels match the plain forward to within the
 rounding of the last bit (the tests compare them).
@@ -24,18 +29,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wav2lip.model import Wav2Lip
+from wav2lip.model import Conv2d, Wav2Lip
+
+
+def _pad_below(x: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution's padding for input that starts at a cut: the rows above are real but
+    not computed, so none there; a row below and a column on each side, as usual."""
+    # With the value given, ONNX Runtime folds the Pad into the convolution (without, it
+    # cannot tell the value is zero, and runs a Pad copy before each convolution).
+    return F.pad(x, (1, 1, 0, 1), value=0.0)
 
 
 class _Join(nn.Module):
     """A stage's first layer, on the concatenation of the running features and the skip
     features, split in two: the running part runs per frame, the skip part once per photo."""
 
-    def __init__(self, layer: nn.Conv2d | nn.ConvTranspose2d, skip_channels: int) -> None:
+    def __init__(
+        self, layer: nn.Conv2d | nn.ConvTranspose2d, skip_channels: int, cut: bool
+    ) -> None:
         super().__init__()
         self.transposed = isinstance(layer, nn.ConvTranspose2d)
         self.stride, self.padding = layer.stride, layer.padding
         self.output_padding = getattr(layer, "output_padding", (0, 0))
+        # A transposed convolution is exact at a cut as it is; a 3x3 one loses a row there.
+        self.cut = cut and not self.transposed
+        if self.cut and (layer.kernel_size, layer.padding) != ((3, 3), (1, 1)):
+            raise ValueError("only a 3x3 convolution with padding 1 can start at a cut")
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
         weight = layer.weight.detach()
         running = (weight.shape[0] if self.transposed else weight.shape[1]) - skip_channels
@@ -44,31 +63,63 @@ class _Join(nn.Module):
         self.register_buffer("skip_weight", parts[1].contiguous())
         self.register_buffer("bias", layer.bias.detach().clone())
 
-    def _layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def _layer(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cut: bool
+    ) -> torch.Tensor:
         if self.transposed:
             return F.conv_transpose2d(
                 x, weight, bias, self.stride, self.padding, self.output_padding
             )
+        if cut:
+            return F.conv2d(_pad_below(x), weight, bias, self.stride)
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
     def skip_term(self, skip: torch.Tensor) -> torch.Tensor:
-        """The skip features' part plus the bias: constant for a photo."""
-        return self._layer(skip, self.skip_weight, self.bias)
+        """The skip features' part plus the bias, on all rows: constant for a photo."""
+        return self._layer(skip, self.skip_weight, self.bias, cut=False)
 
     def forward(self, x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        return self._layer(x, self.running_weight, None) + term
+        return self._layer(x, self.running_weight, None, self.cut) + term
+
+
+class _Residual(nn.Module):
+    """A residual 3x3 block, relu(x + conv(x)). With `fold`, relu(conv'(x)): the identity is
+    added to the centre tap of conv's weights. At a cut, one row fewer (see `_pad_below`)."""
+
+    def __init__(self, block: Conv2d, cut: bool, fold: bool) -> None:
+        super().__init__()
+        conv = block.conv_block[0]
+        if not (block.residual and conv.kernel_size == (3, 3) and conv.padding == (1, 1)):
+            raise ValueError("expected a residual 3x3 block with padding 1")
+        weight = conv.weight.detach().clone()
+        if fold:
+            channels = torch.arange(weight.shape[0])
+            weight[channels, channels, 1, 1] += 1.0
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", conv.bias.detach().clone())
+        self.cut, self.fold = cut, fold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cut:
+            out = F.conv2d(_pad_below(x), self.weight, self.bias)
+        else:
+            out = F.conv2d(x, self.weight, self.bias, padding=1)
+        if not self.fold:
+            out = out + (x[:, :, 1:] if self.cut else x)
+        return torch.relu(out)
 
 
 class StillGenerator(nn.Module):
     """Mel windows to the lower rows of the generated face, given a photo's terms.
 
     `model` must have its BatchNorm folded (`engine.fold_batchnorm`); this module runs its
-    layers, with each join's weights split in two. `first_row`: the first row of the 96x96
-    face that is shown; rows from `first_exact_row` (at most `first_row`) are returned; 0
-    computes them all.
+    layers, with each join's weights split in two and, with `fold_residuals`, the residuals
+    folded in (build it in fp32, then cast it: the folded centre taps are rounded once).
+    `first_row`: the first row of the 96x96 face that is shown; rows from `first_exact_row`
+    (at most `first_row`) are returned; 0 computes them all.
     """
 
-    def __init__(self, model: Wav2Lip, first_row: int = 0) -> None:
+    def __init__(self, model: Wav2Lip, first_row: int = 0, fold_residuals: bool = True) -> None:
         super().__init__()
         self.wav2lip = model  # its encoders run as they are
         self.first_block = model.face_decoder_blocks[0]  # the embedding's 1x1 conv, no skip
@@ -76,37 +127,44 @@ class StillGenerator(nn.Module):
         # skip features of encoder block 7 - k; its first layer is the join, the rest follow.
         stages = [(block[0], block[1:]) for block in model.face_decoder_blocks[1:]]
         stages.append((model.output_block[0], model.output_block[1:]))
-        self.joins = nn.ModuleList()
-        self.rests = nn.ModuleList()
-        for stage, (join, rest) in enumerate(stages, 1):
-            skip = model.face_encoder_blocks[7 - stage][-1].conv_block[0].out_channels
-            self.joins.append(_Join(join.conv_block[0], skip))
-            self.rests.append(nn.Sequential(*rest))
-        # Every 3x3 convolution at stride 1 spoils a row at a cut: each decoder stage's
-        # residual layers, and the output block's join (its rest is a 1x1 convolution).
-        spoils = [len(rest) for _, rest in stages[:-1]] + [1]
-        # From the last stage back: the first input row each stage needs so that what it
-        # returns is exact from the row the next one needs. A transposed convolution with
-        # stride 2 doubles rows; the first stage's (3x3 from 1x1) is never cut.
+        # The rows a stage's 3x3 convolutions lose at a cut, one each: the output block's
+        # join, and the residual blocks after a transposed join (it loses none).
+        layers = [join.conv_block[0] for join, _ in stages]
+        join_losses = [0 if isinstance(layer, nn.ConvTranspose2d) else 1 for layer in layers]
+        rest_losses = [sum(isinstance(block, Conv2d) for block in rest) for _, rest in stages]
+        # From the last stage back: the first input row each stage needs so that its output is
+        # exact from the row the next one needs. A transposed convolution with stride 2
+        # doubles rows; the first stage's (3x3 from 1x1) is never cut.
         needs = []
         need = first_row
-        for join, spoil in zip(reversed(self.joins[1:]), reversed(spoils[1:])):
-            need = max(0, (need - spoil) // join.stride[0])
+        for layer, join_loss, rest_loss in list(zip(layers, join_losses, rest_losses))[:0:-1]:
+            need = max(0, (need - join_loss - rest_loss) // layer.stride[0])
             needs.append(need)
         needs = [0, *reversed(needs)]
-        # Then forwards: rows dropped before each stage, where its join's output starts, and
-        # rows dropped after it (spoiled at the cut).
+        # Then forwards: rows dropped before each stage, and where its join's output starts.
+        self.joins = nn.ModuleList()
+        self.rests = nn.ModuleList()
         self.drops: list[int] = []
         self.starts: list[int] = []
-        self.trims: list[int] = []
         offset = 0  # the first row of the running features, in their own rows
-        for join, spoil, need in zip(self.joins, spoils, needs):
+        for stage, (layer, (_, rest), join_loss, rest_loss, need) in enumerate(
+            zip(layers, stages, join_losses, rest_losses, needs), 1
+        ):
+            cut = need > 0
+            skip = model.face_encoder_blocks[7 - stage][-1].conv_block[0].out_channels
+            self.joins.append(_Join(layer, skip, cut))
+            self.rests.append(
+                nn.Sequential(
+                    *(
+                        _Residual(b, cut, fold_residuals) if isinstance(b, Conv2d) else b
+                        for b in rest
+                    )
+                )
+            )
             self.drops.append(need - offset)
-            start = need * join.stride[0]
-            trim = spoil if start else 0
+            start = need * layer.stride[0] + (join_loss if cut else 0)
             self.starts.append(start)
-            self.trims.append(trim)
-            offset = start + trim
+            offset = start + (rest_loss if cut else 0)
         self.first_exact_row = offset
 
     def photo_terms(self, faces: torch.Tensor) -> list[torch.Tensor]:
@@ -121,12 +179,8 @@ class StillGenerator(nn.Module):
         """(B, 1, 80, 16) mel windows and a photo's terms (batch 1 or B) to (B, 3, R, 96)
         faces in [0, 1], R = 96 - `first_exact_row`."""
         x = self.first_block(self.wav2lip.audio_encoder(mel))
-        for join, rest, term, drop, trim in zip(
-            self.joins, self.rests, terms, self.drops, self.trims
-        ):
+        for join, rest, term, drop in zip(self.joins, self.rests, terms, self.drops):
             if drop:  # no empty slices: each costs a copy in ONNX Runtime
                 x = x[:, :, drop:]
             x = rest(torch.relu(join(x, term)))
-            if trim:
-                x = x[:, :, trim:]
         return x
