@@ -125,6 +125,20 @@ def test_lower_rows_engine_is_exact_where_it_computes(wav2lip_model: Wav2Lip, ba
         assert StillGenerator(folded, 47).starts[2:] == [2, 8, 20, 44, 47]
 
 
+def test_half_precision_stays_within_two_levels(wav2lip_model: Wav2Lip) -> None:
+    # The GPU's default precision, run on the CPU: the generator is built in fp32 and cast,
+    # folded centre taps included, and the pixels shown stay close to fp32's.
+    rng = np.random.default_rng(4)
+    face = rng.random((6, 96, 96), dtype=np.float32)
+    mels = rng.standard_normal((3, 80, 16)).astype(np.float32)
+    exact = Engine(wav2lip_model, device="cpu", backend="torch", first_row=47)
+    half = Engine(wav2lip_model, device="cpu", half=True, backend="torch", first_row=47)
+    assert half.generator.rests[3][0].weight.dtype == torch.float16
+    a = exact.infer(exact.prepare(face), mels).astype(int)
+    b = half.infer(half.prepare(face), mels).astype(int)
+    assert np.abs(a - b).max() <= 2
+
+
 def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:
     rng = np.random.default_rng(3)
     face = rng.random((6, 96, 96), dtype=np.float32)
