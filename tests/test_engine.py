@@ -15,6 +15,7 @@ from torch import nn
 from wav2lip.cuda_graphs import bucket
 from wav2lip.engine import Engine, fold_batchnorm, pick_device
 from wav2lip.model import Wav2Lip
+from wav2lip.onnx_backend import OnnxDecoder
 
 
 def test_fold_batchnorm_removes_every_batchnorm_and_keeps_outputs(wav2lip_model: Wav2Lip):
@@ -150,6 +151,10 @@ def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:
     # Quantized, so not equal; but a picture of the same mouths, not noise.
     assert np.abs(a - b).max() > 0
     assert np.abs(a - b).mean() < 8
+    # Residuals folded into the weights would take each channel's quantization range.
+    assert not int8.generator.fold_residuals and exact.generator.fold_residuals
+    with pytest.raises(ValueError, match="without folded residuals"):
+        OnnxDecoder(exact.generator, threads=1, int8=True)
 
 
 def test_cuda_graph_buckets_and_device_check(wav2lip_model: Wav2Lip) -> None:

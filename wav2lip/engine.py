@@ -127,7 +127,8 @@ class Engine:
         self.backend = backend
         int8 = backend.endswith("int8")
         # Built in fp32, then cast: its folded weights are rounded once.
-        generator = StillGenerator(fold_batchnorm(model), first_row, fold_residuals=not int8)
+        folded = fold_batchnorm(model).float()
+        generator = StillGenerator(folded, first_row, fold_residuals=not int8)
         self.generator = generator.to(self.device, self.dtype).eval()
         self.first_exact_row = self.generator.first_exact_row
         self._onnx = (

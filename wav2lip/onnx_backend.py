@@ -37,6 +37,8 @@ class OnnxDecoder:
     def __init__(self, generator: StillGenerator, threads: int, int8: bool = False) -> None:
         import onnxruntime
 
+        if int8 and generator.fold_residuals:
+            raise ValueError("int8 needs a generator without folded residuals")
         with torch.inference_mode():
             terms = generator.photo_terms(torch.zeros(1, 6, 96, 96))
         names = ["mel"] + [f"term{i}" for i in range(len(terms))]

@@ -19,8 +19,8 @@ Three exact rewrites of the official decoder (BatchNorm already folded into the 
    keeps the features in its blocked layout from one block to the next. (Not for int8: a
    centre tap near 1 would take the whole range of its channel's quantized weights.)
 
-Only the order of the additions changes, so the pixels match the plain forward to within the
-rounding of the last bit (the tests compare them).
+Only the rounding changes (the order of the additions, and the centre taps' added 1), so the
+pixels match the plain forward to within the last bits of fp32 (the tests compare them).
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ class _Join(nn.Module):
         self.output_padding = getattr(layer, "output_padding", (0, 0))
         # A transposed convolution is exact at a cut as it is; a 3x3 one loses a row there.
         self.cut = cut and not self.transposed
-        if self.cut and (layer.kernel_size, layer.padding) != ((3, 3), (1, 1)):
-            raise ValueError("only a 3x3 convolution with padding 1 can start at a cut")
+        if self.cut and (layer.kernel_size, layer.stride, layer.padding) != (
+            (3, 3),
+            (1, 1),
+            (1, 1),
+        ):
+            raise ValueError(
+                "only a 3x3 convolution with stride 1 and padding 1 can start at a cut"
+            )
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
         weight = layer.weight.detach()
         running = (weight.shape[0] if self.transposed else weight.shape[1]) - skip_channels
@@ -88,12 +94,16 @@ class _Residual(nn.Module):
 
     def __init__(self, block: Conv2d, cut: bool, fold: bool) -> None:
         super().__init__()
-        conv = block.conv_block[0]
-        if not (block.residual and conv.kernel_size == (3, 3) and conv.padding == (1, 1)):
-            raise ValueError("expected a residual 3x3 block with padding 1")
-        weight = conv.weight.detach().clone()
+        conv, norm = block.conv_block
+        shape = (conv.kernel_size, conv.stride, conv.padding)
+        if not (block.residual and shape == ((3, 3), (1, 1), (1, 1))):
+            raise ValueError("expected a residual 3x3 block with stride 1 and padding 1")
+        if not isinstance(norm, nn.Identity):
+            raise ValueError("fold the BatchNorm into the convolution first")
+        weight = conv.weight.detach()
         if fold:
-            channels = torch.arange(weight.shape[0])
+            weight = weight.clone()
+            channels = torch.arange(weight.shape[0], device=weight.device)
             weight[channels, channels, 1, 1] += 1.0
         self.register_buffer("weight", weight)
         self.register_buffer("bias", conv.bias.detach().clone())
@@ -121,7 +131,9 @@ class StillGenerator(nn.Module):
 
     def __init__(self, model: Wav2Lip, first_row: int = 0, fold_residuals: bool = True) -> None:
         super().__init__()
-        self.wav2lip = model  # its encoders run as they are
+        self.face_encoder = model.face_encoder_blocks  # its encoders run as they are
+        self.audio_encoder = model.audio_encoder
+        self.fold_residuals = fold_residuals
         self.first_block = model.face_decoder_blocks[0]  # the embedding's 1x1 conv, no skip
         # Stages 1-6 are the other decoder blocks, stage 7 the output block. Stage k joins the
         # skip features of encoder block 7 - k; its first layer is the join, the rest follow.
@@ -135,12 +147,11 @@ class StillGenerator(nn.Module):
         # From the last stage back: the first input row each stage needs so that its output is
         # exact from the row the next one needs. A transposed convolution with stride 2
         # doubles rows; the first stage's (3x3 from 1x1) is never cut.
-        needs = []
+        needs = [0] * len(stages)
         need = first_row
-        for layer, join_loss, rest_loss in list(zip(layers, join_losses, rest_losses))[:0:-1]:
-            need = max(0, (need - join_loss - rest_loss) // layer.stride[0])
-            needs.append(need)
-        needs = [0, *reversed(needs)]
+        for i in range(len(stages) - 1, 0, -1):
+            loss = join_losses[i] + rest_losses[i]
+            need = needs[i] = max(0, (need - loss) // layers[i].stride[0])
         # Then forwards: rows dropped before each stage, and where its join's output starts.
         self.joins = nn.ModuleList()
         self.rests = nn.ModuleList()
@@ -169,7 +180,10 @@ class StillGenerator(nn.Module):
 
     def photo_terms(self, faces: torch.Tensor) -> list[torch.Tensor]:
         """A photo's constant terms, one per stage, from its (B, 6, 96, 96) model input."""
-        feats = self.wav2lip.encode_face(faces)
+        feats = []  # the skip features of each encoder block, finest first
+        for block in self.face_encoder:
+            faces = block(faces)
+            feats.append(faces)
         return [
             join.skip_term(feats[6 - index])[:, :, start:]
             for index, (join, start) in enumerate(zip(self.joins, self.starts))
@@ -178,7 +192,7 @@ class StillGenerator(nn.Module):
     def forward(self, mel: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
         """(B, 1, 80, 16) mel windows and a photo's terms (batch 1 or B) to (B, 3, R, 96)
         faces in [0, 1], R = 96 - `first_exact_row`."""
-        x = self.first_block(self.wav2lip.audio_encoder(mel))
+        x = self.first_block(self.audio_encoder(mel))
         for join, rest, term, drop in zip(self.joins, self.rests, terms, self.drops):
             if drop:  # no empty slices: each costs a copy in ONNX Runtime
                 x = x[:, :, drop:]
