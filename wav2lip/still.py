@@ -53,14 +53,9 @@ class _Join(nn.Module):
         self.output_padding = getattr(layer, "output_padding", (0, 0))
         # A transposed convolution is exact at a cut as it is; a 3x3 one loses a row there.
         self.cut = cut and not self.transposed
-        if self.cut and (layer.kernel_size, layer.stride, layer.padding) != (
-            (3, 3),
-            (1, 1),
-            (1, 1),
-        ):
-            raise ValueError(
-                "only a 3x3 convolution with stride 1 and padding 1 can start at a cut"
-            )
+        shape = (layer.kernel_size, layer.stride, layer.padding)
+        if self.cut and shape != ((3, 3), (1, 1), (1, 1)):
+            raise ValueError("a cut needs a 3x3 convolution with stride 1 and padding 1")
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
         weight = layer.weight.detach()
         running = (weight.shape[0] if self.transposed else weight.shape[1]) - skip_channels
