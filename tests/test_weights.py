@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import re
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import free_port
 from wav2lip import weights
 from wav2lip.weights import ModelSpec, WeightsError
 
@@ -107,10 +107,7 @@ def no_env_mirrors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def closed_port_url() -> str:
     """A base URL nobody listens on: connections to it are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/gone"
+    return f"http://127.0.0.1:{free_port()}/gone"
 
 
 def fetch(cache: Path, *mirrors: str, progress: bool = False) -> Path:
