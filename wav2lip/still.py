@@ -31,13 +31,20 @@ from torch import nn
 
 from wav2lip.model import Conv2d, Wav2Lip
 
+_SAME_3X3 = ((3, 3), (1, 1), (1, 1))  # kernel, stride, padding: the model's 3x3 convolutions
 
-def _pad_below(x: torch.Tensor) -> torch.Tensor:
-    """A 3x3 convolution's padding for input that starts at a cut: the rows above are real but
-    not computed, so none there; a row below and a column on each side, as usual."""
-    # With the value given, ONNX Runtime folds the Pad into the convolution (without, it
-    # cannot tell the value is zero, and runs a Pad copy before each convolution).
-    return F.pad(x, (1, 1, 0, 1), value=0.0)
+
+def _conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cut: bool
+) -> torch.Tensor:
+    """A 3x3 convolution with stride 1 and padding 1; at a cut (`x` starts below the stage's
+    row 0), no padding above: the rows there are real but not computed, so the output starts
+    one row lower, every row of it exact."""
+    if cut:
+        # With the value given, ONNX Runtime folds the Pad into the convolution (without, it
+        # cannot tell the value is zero, and runs a Pad copy before each convolution).
+        return F.conv2d(F.pad(x, (1, 1, 0, 1), value=0.0), weight, bias)
+    return F.conv2d(x, weight, bias, padding=1)
 
 
 class _Join(nn.Module):
@@ -54,8 +61,8 @@ class _Join(nn.Module):
         # A transposed convolution is exact at a cut as it is; a 3x3 one loses a row there.
         self.cut = cut and not self.transposed
         shape = (layer.kernel_size, layer.stride, layer.padding)
-        if self.cut and shape != ((3, 3), (1, 1), (1, 1)):
-            raise ValueError("a cut needs a 3x3 convolution with stride 1 and padding 1")
+        if not self.transposed and shape != _SAME_3X3:
+            raise ValueError("expected a 3x3 convolution with stride 1 and padding 1")
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
         weight = layer.weight.detach()
         running = (weight.shape[0] if self.transposed else weight.shape[1]) - skip_channels
@@ -71,9 +78,7 @@ class _Join(nn.Module):
             return F.conv_transpose2d(
                 x, weight, bias, self.stride, self.padding, self.output_padding
             )
-        if cut:
-            return F.conv2d(_pad_below(x), weight, bias, self.stride)
-        return F.conv2d(x, weight, bias, self.stride, self.padding)
+        return _conv3x3(x, weight, bias, cut)
 
     def skip_term(self, skip: torch.Tensor) -> torch.Tensor:
         """The skip features' part plus the bias, on all rows: constant for a photo."""
@@ -85,13 +90,13 @@ class _Join(nn.Module):
 
 class _Residual(nn.Module):
     """A residual 3x3 block, relu(x + conv(x)). With `fold`, relu(conv'(x)): the identity is
-    added to the centre tap of conv's weights. At a cut, one row fewer (see `_pad_below`)."""
+    added to the centre tap of conv's weights. At a cut, one row fewer (see `_conv3x3`)."""
 
     def __init__(self, block: Conv2d, cut: bool, fold: bool) -> None:
         super().__init__()
         conv, norm = block.conv_block
         shape = (conv.kernel_size, conv.stride, conv.padding)
-        if not (block.residual and shape == ((3, 3), (1, 1), (1, 1))):
+        if not (block.residual and shape == _SAME_3X3):
             raise ValueError("expected a residual 3x3 block with stride 1 and padding 1")
         if not isinstance(norm, nn.Identity):
             raise ValueError("fold the BatchNorm into the convolution first")
@@ -105,10 +110,7 @@ class _Residual(nn.Module):
         self.cut, self.fold = cut, fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cut:
-            out = F.conv2d(_pad_below(x), self.weight, self.bias)
-        else:
-            out = F.conv2d(x, self.weight, self.bias, padding=1)
+        out = _conv3x3(x, self.weight, self.bias, self.cut)
         if not self.fold:
             out = out + (x[:, :, 1:] if self.cut else x)
         return torch.relu(out)
