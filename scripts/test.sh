@@ -7,6 +7,7 @@ need=()
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v ffprobe >/dev/null || need+=(ffmpeg)
 command -v chromium >/dev/null || need+=(chromium)
+command -v turnserver >/dev/null || need+=(coturn)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
@@ -16,5 +17,5 @@ fi
 bash scripts/setup.sh
 . .venv/bin/activate
 
-# The suite includes ruff's lint and format checks (tests/test_style.py).
+# The suite includes ruff's lint and format checks and mypy (tests/test_style.py).
 python -m pytest -q -rs "$@"
