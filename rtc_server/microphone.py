@@ -108,9 +108,10 @@ class Microphone:
     def _place(self, frame: av.AudioFrame) -> int:
         """Write the frame's samples; return the timeline index just past them."""
         duration = round(frame.samples * SAMPLE_RATE / frame.sample_rate)
-        start = None if frame.pts is None else self._index(frame.pts, frame.time_base, duration)
-        if start is None:
+        if frame.pts is None or frame.time_base is None:
             start = self._timeline.written_end
+        else:
+            start = self._index(frame.pts, frame.time_base, duration)
         for out in self._resampler.resample(frame):
             samples = out.to_ndarray()[0]
             self._timeline.write(start, samples)
@@ -121,6 +122,8 @@ class Microphone:
         try:
             while True:
                 frame = await self._track.recv()
+                if not isinstance(frame, av.AudioFrame):
+                    raise TypeError(f"the microphone track gave a {type(frame).__name__}")
                 self.last_media = time.monotonic()
                 self.frames += 1
                 self._on_audio(self._place(frame), self.last_media)

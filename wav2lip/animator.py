@@ -163,7 +163,9 @@ class Animator:
         alpha = np.clip(inside, 0.0, 1.0) * np.clip((bottom - top) / 2.0, 0.0, 1.0)
         alpha = alpha[..., None]
         for i, frame in enumerate(moving):
-            warped = cv2.remap(face.crop, map_x, map_y[i], cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
+            warped = cv2.remap(
+                face.crop, map_x, map_y[i], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            )
             blended = warped * (1.0 - alpha[i]) + face.interior * alpha[i]
             out[frame, TOP:] = np.rint(blended).astype(np.uint8)
         return out

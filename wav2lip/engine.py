@@ -37,13 +37,16 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def _fold(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode BatchNorm into the convolution before it, in place."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError("only a BatchNorm that tracks running statistics can be folded")
+    scale = bn.weight / torch.sqrt(var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
     # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
     shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
     with torch.no_grad():
         conv.weight.mul_(scale.reshape(shape))
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        conv.bias = nn.Parameter((bias - mean) * scale + bn.bias)
 
 
 def fold_batchnorm(model: Wav2Lip) -> Wav2Lip:
@@ -51,7 +54,11 @@ def fold_batchnorm(model: Wav2Lip) -> Wav2Lip:
     folded = copy.deepcopy(model).eval()
     for module in folded.modules():
         block = getattr(module, "conv_block", None)
-        if isinstance(block, nn.Sequential) and isinstance(block[1], nn.BatchNorm2d):
+        if (
+            isinstance(block, nn.Sequential)
+            and isinstance(block[0], nn.Conv2d | nn.ConvTranspose2d)
+            and isinstance(block[1], nn.BatchNorm2d)
+        ):
             _fold(block[0], block[1])
             block[1] = nn.Identity()
     return folded

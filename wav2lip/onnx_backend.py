@@ -48,7 +48,8 @@ class OnnxDecoder:
             torch.onnx.export(
                 generator,
                 (torch.zeros(2, 1, 80, 16), *terms),
-                buffer,
+                # The stub says a path, but the TorchScript exporter writes to a file object.
+                buffer,  # type: ignore[arg-type]
                 input_names=names,
                 output_names=["face"],
                 # Terms have batch 1 (one photo, broadcast) or the mel windows' batch.

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wav2lip.model import Conv2d, Wav2Lip
+from wav2lip.model import Conv2d, Conv2dTranspose, Wav2Lip
 
 _SAME_3X3 = ((3, 3), (1, 1), (1, 1))  # kernel, stride, padding: the model's 3x3 convolutions
 
@@ -47,29 +47,44 @@ def _conv3x3(
     return F.conv2d(x, weight, bias, padding=1)
 
 
+def _conv(block: nn.Module) -> nn.Conv2d | nn.ConvTranspose2d:
+    """The convolution that a block of the model (`Conv2d`, `Conv2dTranspose`) starts with."""
+    conv = block.conv_block[0] if isinstance(block, Conv2d | Conv2dTranspose) else None
+    if not isinstance(conv, nn.Conv2d | nn.ConvTranspose2d):
+        raise ValueError(f"expected a convolution block, got {type(block).__name__}")
+    return conv
+
+
 class _Join(nn.Module):
     """A stage's first layer, on the concatenation of the running features and the skip
     features, split in two: the running part runs per frame, the skip part once per photo."""
+
+    running_weight: torch.Tensor
+    skip_weight: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self, layer: nn.Conv2d | nn.ConvTranspose2d, skip_channels: int, cut: bool
     ) -> None:
         super().__init__()
         self.transposed = isinstance(layer, nn.ConvTranspose2d)
-        self.stride, self.padding = layer.stride, layer.padding
-        self.output_padding = getattr(layer, "output_padding", (0, 0))
         # A transposed convolution is exact at a cut as it is; a 3x3 one loses a row there.
         self.cut = cut and not self.transposed
         shape = (layer.kernel_size, layer.stride, layer.padding)
         if not self.transposed and shape != _SAME_3X3:
             raise ValueError("expected a 3x3 convolution with stride 1 and padding 1")
+        # Only a Conv2d can have "same" or "valid" padding, and the check above turned it away.
+        assert not isinstance(layer.padding, str)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.output_padding = getattr(layer, "output_padding", (0, 0))
         # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
         weight = layer.weight.detach()
         running = (weight.shape[0] if self.transposed else weight.shape[1]) - skip_channels
         parts = weight.split(running, 0 if self.transposed else 1)
         self.register_buffer("running_weight", parts[0].contiguous())
         self.register_buffer("skip_weight", parts[1].contiguous())
-        self.register_buffer("bias", layer.bias.detach().clone())
+        bias = layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _layer(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cut: bool
@@ -92,11 +107,17 @@ class _Residual(nn.Module):
     """A residual 3x3 block, relu(x + conv(x)). With `fold`, relu(conv'(x)): the identity is
     added to the centre tap of conv's weights. At a cut, one row fewer (see `_conv3x3`)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, block: Conv2d, cut: bool, fold: bool) -> None:
         super().__init__()
         conv, norm = block.conv_block
-        shape = (conv.kernel_size, conv.stride, conv.padding)
-        if not (block.residual and shape == _SAME_3X3):
+        if not (
+            block.residual
+            and isinstance(conv, nn.Conv2d)
+            and (conv.kernel_size, conv.stride, conv.padding) == _SAME_3X3
+        ):
             raise ValueError("expected a residual 3x3 block with stride 1 and padding 1")
         if not isinstance(norm, nn.Identity):
             raise ValueError("fold the BatchNorm into the convolution first")
@@ -106,7 +127,8 @@ class _Residual(nn.Module):
             channels = torch.arange(weight.shape[0], device=weight.device)
             weight[channels, channels, 1, 1] += 1.0
         self.register_buffer("weight", weight)
-        self.register_buffer("bias", conv.bias.detach().clone())
+        bias = conv.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.cut, self.fold = cut, fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,11 +156,13 @@ class StillGenerator(nn.Module):
         self.first_block = model.face_decoder_blocks[0]  # the embedding's 1x1 conv, no skip
         # Stages 1-6 are the other decoder blocks, stage 7 the output block. Stage k joins the
         # skip features of encoder block 7 - k; its first layer is the join, the rest follow.
-        stages = [(block[0], block[1:]) for block in model.face_decoder_blocks[1:]]
-        stages.append((model.output_block[0], model.output_block[1:]))
+        stages = []
+        for block in [*model.face_decoder_blocks[1:], model.output_block]:
+            join, *rest = block.children()
+            stages.append((join, rest))
         # The rows a stage's 3x3 convolutions lose at a cut, one each: the output block's
         # join, and the residual blocks after a transposed join (it loses none).
-        layers = [join.conv_block[0] for join, _ in stages]
+        layers = [_conv(join) for join, _ in stages]
         join_losses = [0 if isinstance(layer, nn.ConvTranspose2d) else 1 for layer in layers]
         rest_losses = [sum(isinstance(block, Conv2d) for block in rest) for _, rest in stages]
         # From the last stage back: the first input row each stage needs so that its output is
@@ -159,7 +183,8 @@ class StillGenerator(nn.Module):
             zip(layers, stages, join_losses, rest_losses, needs), 1
         ):
             cut = need > 0
-            skip = model.face_encoder_blocks[7 - stage][-1].conv_block[0].out_channels
+            *_, last = model.face_encoder_blocks[7 - stage].children()
+            skip = _conv(last).out_channels
             self.joins.append(_Join(layer, skip, cut))
             self.rests.append(
                 nn.Sequential(
@@ -181,10 +206,11 @@ class StillGenerator(nn.Module):
         for block in self.face_encoder:
             faces = block(faces)
             feats.append(faces)
-        return [
-            join.skip_term(feats[6 - index])[:, :, start:]
-            for index, (join, start) in enumerate(zip(self.joins, self.starts))
-        ]
+        terms = []
+        for index, (join, start) in enumerate(zip(self.joins, self.starts)):
+            assert isinstance(join, _Join)  # a ModuleList types its items only as nn.Module
+            terms.append(join.skip_term(feats[6 - index])[:, :, start:])
+        return terms
 
     def forward(self, mel: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
         """(B, 1, 80, 16) mel windows and a photo's terms (batch 1 or B) to (B, 3, R, 96)
