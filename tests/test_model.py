@@ -70,7 +70,7 @@ def test_every_layout_gives_identical_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(mel, faces)
     for name, path in _save_layouts(model, tmp_path).items():
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, trust_code=name == "torchscript")
         assert isinstance(loaded, Wav2Lip), name
         assert not loaded.training, name
         with torch.no_grad():
@@ -82,7 +82,21 @@ def test_torchscript_file_needs_jit(tmp_path: Path) -> None:
     path = _save_layouts(random_wav2lip(seed=2), tmp_path)["torchscript"]
     with pytest.raises(Exception):  # noqa: B017 - torch raises various types here
         torch.load(path, weights_only=True)
-    assert isinstance(load_checkpoint(path), Wav2Lip)
+    assert isinstance(load_checkpoint(path, trust_code=True), Wav2Lip)
+
+
+def test_torchscript_runs_code_so_it_needs_trust(tmp_path: Path, monkeypatch) -> None:
+    """Loading a TorchScript archive runs code from it: refused, saying why, unless trusted;
+    and refused before torch.jit.load is ever called."""
+    path = _save_layouts(random_wav2lip(seed=2), tmp_path)["torchscript"]
+    called = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: called.append(a) or real_load(*a, **k))
+    with pytest.raises(CheckpointError, match=r"runs code from the file.*--trust-checkpoint"):
+        load_checkpoint(path)
+    assert called == []
+    assert isinstance(load_checkpoint(path, trust_code=True), Wav2Lip)
+    assert len(called) == 1
 
 
 class _Evil:

@@ -7,7 +7,9 @@ Layouts:
 - TorchScript archives (``Wav2Lip-SD-GAN.pt``, ``Wav2Lip-SD-NOGAN.pt``), which ``torch.load``
   cannot read but ``torch.jit.load`` can.
 
-Pickles are read with ``weights_only=True``: a checkpoint can never run code on load.
+Pickles are read with ``weights_only=True``, so they cannot run code on load. A TorchScript
+archive is a program: ``torch.jit.load`` runs code from the file. Those are read only when the
+caller says it trusts the file (``trust_code=True``; the CLI's ``--trust-checkpoint``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,14 @@ def _is_torchscript(path: Path) -> bool:
     )
 
 
-def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+def _read_state_dict(path: Path, trust_code: bool) -> Mapping[str, torch.Tensor]:
     if _is_torchscript(path):
+        if not trust_code:
+            raise CheckpointError(
+                f"{path}: a TorchScript archive, which runs code from the file when loaded; "
+                "load it only if you trust where it came from (--trust-checkpoint, or "
+                "load_checkpoint(..., trust_code=True)), or use the official .pth checkpoint"
+            )
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated; these files use it
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -90,12 +98,15 @@ def _check_keys(model: Wav2Lip, state: Mapping[str, torch.Tensor], path: Path) -
         raise CheckpointError(f"{path}: not a Wav2Lip generator: " + "; ".join(problems))
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Wav2Lip:
-    """Load a Wav2Lip generator in eval mode from any known layout."""
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool = False
+) -> Wav2Lip:
+    """Load a Wav2Lip generator in eval mode from any known layout; TorchScript archives only
+    with `trust_code`, as loading one runs code from the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    state = _strip_prefix(_read_state_dict(path))
+    state = _strip_prefix(_read_state_dict(path, trust_code))
     model = Wav2Lip()
     _check_keys(model, state, path)
     model.load_state_dict(state, strict=True)
