@@ -11,8 +11,25 @@ export class ApiError extends Error {
   }
 }
 
+// A server with an API key gives each visitor a token in the page's link, /#token=...: the
+// fragment never reaches a server log. It is taken out of the address bar (so it is not shared
+// with the link) and kept for this tab, so a reload still works.
+const TOKEN_KEY = "lipsync-token";
+const token = takeToken();
+
+function takeToken() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const fromLink = fragment.get("token");
+  if (fromLink) {
+    sessionStorage.setItem(TOKEN_KEY, fromLink);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
 // Relative URLs, so the page also works behind a proxy that mounts the server under a prefix.
-async function call(method, path, { body, headers, keepalive = false } = {}) {
+async function call(method, path, { body, headers = {}, keepalive = false } = {}) {
+  if (token) headers = { ...headers, Authorization: `Bearer ${token}` };
   let response;
   try {
     response = await fetch(path, { method, body, headers, keepalive });
@@ -42,8 +59,10 @@ export async function getAvatar(id) {
   return (await call("GET", `api/avatars/${encodeURIComponent(id)}`)).json();
 }
 
-export function previewUrl(id) {
-  return `api/avatars/${encodeURIComponent(id)}/preview`;
+/** The photo with its face box, as an object URL (an <img> could not send the token). */
+export async function previewUrl(id) {
+  const response = await call("GET", `api/avatars/${encodeURIComponent(id)}/preview`);
+  return URL.createObjectURL(await response.blob());
 }
 
 export async function health() {

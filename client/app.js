@@ -9,6 +9,7 @@ import {
   CONNECTION,
   UNSUPPORTED,
   describeApiError,
+  describeServerError,
   describeStartError,
   describeUploadError,
   engineLabel,
@@ -77,8 +78,10 @@ function currentState() {
 // -- the photo ---------------------------------------------------------------------------
 
 async function showAvatar(next) {
+  const url = await api.previewUrl(next.id);
   avatar = next;
-  ui.preview.src = api.previewUrl(next.id);
+  if (ui.preview.src.startsWith("blob:")) URL.revokeObjectURL(ui.preview.src);
+  ui.preview.src = url;
   ui.preview.alt = "The photo, with a green box around the face that will be animated";
   await ui.preview.decode().catch(() => {}); // show it whole, not line by line
   ui.preview.hidden = false;
@@ -148,7 +151,8 @@ async function startCall() {
   current.addEventListener("speaking", ({ detail }) => isCurrent() && figures.setSpeaking(detail.speaking));
   current.addEventListener("ended", ({ detail }) => {
     if (!isCurrent()) return;
-    fail(detail.reason === "server" ? CONNECTION.serverEnded : CONNECTION.microphoneEnded, { retry: true });
+    if (detail.reason === "error") fail(describeServerError(detail), { retry: true });
+    else fail(detail.reason === "server" ? CONNECTION.serverEnded : CONNECTION.microphoneEnded, { retry: true });
   });
 
   try {

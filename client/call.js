@@ -27,13 +27,15 @@ export function unsupportedReason() {
 /**
  * Events: "phase" {phase: "microphone" | "connecting"}, "connection" {state} (RTCPeerConnection's
  * connectionState), "video" {stream}, "audio" {stream}, "stats" {…}, "speaking" {speaking},
- * "ended" {reason: "microphone" | "server"}.
+ * "ended" {reason: "microphone" | "server" | "error", code?, message?}: "error" when the
+ * server ended the session because part of it failed, with its `error` event's code and message.
  */
 export class LipSyncCall extends EventTarget {
   #pc = null;
   #microphone = null;
   #sessionId = null;
   #stopped = false;
+  #serverError = null; // the server's last `error` event
 
   constructor(avatarId) {
     super();
@@ -107,10 +109,14 @@ export class LipSyncCall extends EventTarget {
       }
       if (message.type === "stats") this.#emit("stats", message);
       else if (message.type === "speaking") this.#emit("speaking", message);
+      else if (message.type === "error") this.#serverError = message;
     });
-    // The server closes the channel when it ends the session (idle timeout, shutdown).
+    // The server closes the channel when it ends the session (idle timeout, shutdown, or a
+    // failure it announced with an `error` event just before).
     channel.addEventListener("close", () => {
-      if (!this.#stopped) this.#emit("ended", { reason: "server" });
+      if (this.#stopped) return;
+      const error = this.#serverError;
+      this.#emit("ended", error ? { reason: "error", code: error.code, message: error.message } : { reason: "server" });
     });
   }
 

@@ -52,6 +52,18 @@ export function describeApiError(error) {
   if (error.status === 0) {
     return { tone: "error", text: "The server cannot be reached. Check that it is running, then retry." };
   }
+  if (error.status === 401) {
+    const expired = error.code === "token_expired";
+    return {
+      tone: "error",
+      text: expired
+        ? "Your access link has expired. Ask for a new link to this page."
+        : "This server needs an access link (it has an API key). Open the page through the link you were given.",
+    };
+  }
+  if (error.code === "degraded") {
+    return { tone: "error", text: "The server's video engine failed; the server is restarting. Try again in a little while." };
+  }
   if (error.status === 503) {
     // The server's message ends in its own vaguer "try again later"; Retry-After is exact.
     if (!error.retryAfter) return { tone: "warn", text: `The server is full: ${error.message}.` };
@@ -78,6 +90,15 @@ export function describeUploadError(error) {
   }
   if (error.status === 0) return describeApiError(error);
   return { tone: "error", text: `This photo cannot be used: ${sentence(error.message)}` };
+}
+
+/** The server ended the call because part of it failed (its `error` event). */
+export function describeServerError({ code, message }) {
+  const text =
+    code === "engine_failed"
+      ? "The server's video engine failed, so the call ended; the server will restart. Press Retry in a moment."
+      : `The server ended the call: ${sentence(message ?? "an internal error")} Press Retry to start again.`;
+  return { tone: "error", text };
 }
 
 export const CONNECTION = {

@@ -1,21 +1,29 @@
-"""Creating, tracking and ending media sessions; one inference scheduler for all of them."""
+"""Creating, tracking and ending media sessions; one inference scheduler for all of them.
+
+A new session needs a free slot twice over: under `max_sessions`, a hard cap, and within what
+the device was measured to do, so that every session keeps at least `min_fps` really inferred
+frames a second (admitting more would turn most of everyone's frames into repeats). If the
+engine fails for good, every session ends with an `error` event, health turns `degraded`, and
+`failed` is set for the process to exit and be restarted.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaBlackhole
 from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
-from rtc_server.scheduler import InferenceScheduler
+from rtc_server.scheduler import HEADROOM, InferenceScheduler
 from rtc_server.session import Photo, Session, SessionOptions
 from wav2lip.engine import MouthEngine
 from wav2lip.threads import name_this_thread
@@ -24,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class SessionsFull(Exception):
-    """At the session limit; try again later."""
+    """At the session limit, or at what the device can do; try again later."""
+
+
+class MediaFailed(Exception):
+    """The engine has failed for good: no session can start until the process restarts."""
 
 
 class BadOffer(ValueError):
@@ -38,14 +50,28 @@ class ManagerOptions:
     idle_timeout: float
     bitrate: int
     max_batch: int
+    peer_timeout: float  # seconds without a packet from the peer before it counts as gone
+    min_fps: float  # inferred frames a second every session must still get; 0: no check
+
+
+# What a session can use: the microphone, the video it receives, and the data channel.
+USABLE_MEDIA = {"audio": 1, "video": 1, "application": 1}
 
 
 def _accepts_audio(sdp: str) -> bool:
-    """Whether the peer accepts the returned audio; checks it sends audio and receives video."""
+    """Whether the peer accepts the returned audio; checks it sends audio, receives video, and
+    asks for nothing a session cannot use."""
     try:
         description = SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser fails with many types, asserts among them
         raise BadOffer(f"malformed SDP: {exc or type(exc).__name__}") from exc
+    for kind in {m.kind for m in description.media}:
+        count = sum(m.kind == kind for m in description.media)
+        if count > USABLE_MEDIA.get(kind, 0):
+            raise BadOffer(
+                f"the offer has {count} {kind} m-line(s); a session uses at most one audio, "
+                "one video and one application (data channel) m-line"
+            )
     audio = [m for m in description.media if m.kind == "audio"]
     video = [m for m in description.media if m.kind == "video"]
     if not audio or audio[0].direction not in ("sendrecv", "sendonly"):
@@ -64,20 +90,55 @@ class SessionManager:
     ) -> None:
         self.engine = engine
         self.options = options
-        self.scheduler = InferenceScheduler(engine, options.max_batch)
+        self.scheduler = InferenceScheduler(engine, options.max_batch, self._engine_failed)
         self._rtc_configuration = rtc_configuration
         self.sessions: dict[str, Session] = {}
         self._sinks: dict[str, MediaBlackhole] = {}
         self._starting = 0  # offers between the limit check and their session's creation
+        self.failed = asyncio.Event()  # set when the engine has failed for good
 
     def __len__(self) -> int:
         return len(self.sessions)
 
     async def start(self) -> None:
+        """Start the scheduler and wait for its warm-up: sessions come only once the device's
+        speed is known. EngineFailure if the engine cannot even warm up."""
         # aiortc encodes video on the loop's default executor: named, its CPU use shows apart.
         executor = ThreadPoolExecutor(initializer=name_this_thread, initargs=("executor",))
         asyncio.get_running_loop().set_default_executor(executor)
         self.scheduler.start()
+        await self.scheduler.warmed_up()
+
+    def capacity(self) -> int:
+        """Sessions this server takes: `max_sessions`, or fewer when the device, as measured,
+        could not give each of them `min_fps` inferred frames a second."""
+        if self.options.min_fps <= 0:
+            return self.options.max_sessions
+        device = math.floor(HEADROOM * self.scheduler.device_fps / self.options.min_fps)
+        return min(self.options.max_sessions, device)
+
+    def health(self) -> dict[str, object]:
+        """The media side's state, for /api/health."""
+        capacity = self.capacity()
+        state: dict[str, object] = {
+            "status": "degraded" if self.scheduler.failure else "ok",
+            "engine": self.engine.name,
+            "sessions": len(self.sessions),
+            "max_sessions": self.options.max_sessions,
+            "capacity": capacity,
+            "headroom": max(0, capacity - len(self.sessions) - self._starting),
+            "device_fps": round(self.scheduler.device_fps, 1),
+            "min_fps": self.options.min_fps,
+        }
+        if self.scheduler.failure:
+            state["reason"] = self.scheduler.failure
+        return state
+
+    def _engine_failed(self, reason: str) -> None:
+        log.error("engine failed for good: %s; ending every session", reason)
+        for session in list(self.sessions.values()):
+            session.end_with_error("engine_failed", f"the server's engine failed ({reason})")
+        self.failed.set()
 
     async def stop(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
@@ -85,9 +146,18 @@ class SessionManager:
 
     async def create(self, sdp: str, photo: Photo) -> tuple[Session, str]:
         """Answer an offer: returns the new session and the answer's SDP."""
+        if self.scheduler.failure is not None:
+            raise MediaFailed(f"the server's engine has failed ({self.scheduler.failure})")
         # The slot is taken before the first await: concurrent offers cannot overshoot.
-        if len(self.sessions) + self._starting >= self.options.max_sessions:
+        taken = len(self.sessions) + self._starting
+        if taken >= self.options.max_sessions:
             raise SessionsFull(f"all {self.options.max_sessions} sessions are in use")
+        if taken >= self.capacity():
+            raise SessionsFull(
+                f"the device makes {self.scheduler.device_fps:.0f} frames a second, enough for "
+                f"{self.capacity()} session(s) at {self.options.min_fps:g} inferred fps each, "
+                "and all are in use"
+            )
         self._starting += 1
         try:
             send_audio = _accepts_audio(sdp)
@@ -106,6 +176,7 @@ class SessionManager:
                 idle_timeout=self.options.idle_timeout,
                 bitrate=self.options.bitrate,
                 send_audio=send_audio,
+                peer_timeout=self.options.peer_timeout,
             ),
             self._forget,
         )
@@ -128,7 +199,7 @@ class SessionManager:
                 sink.addTrack(track)
 
         @pc.on("datachannel")
-        def on_datachannel(channel) -> None:
+        def on_datachannel(channel: RTCDataChannel) -> None:
             if channel.label == "events":
                 session.attach_events(channel)
 

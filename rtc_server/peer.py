@@ -72,7 +72,7 @@ class Received:
 def _luma(frame: av.VideoFrame) -> np.ndarray:
     """The Y plane of a decoded yuv420p frame, without its row padding."""
     plane = frame.planes[0]
-    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
     return rows[:, : plane.width]
 
 
@@ -93,8 +93,11 @@ class LipSyncPeer:
         receive_audio: bool = True,
         video_codec: str | None = None,
         keep: Callable[[np.ndarray], Any] = lambda image: None,
+        token: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # The server's API key or a token minted with it, when the server requires one.
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.avatar = avatar
         self.session_id: str | None = None
         self.received = Received()
@@ -128,17 +131,24 @@ class LipSyncPeer:
         body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": "offer"}
         if self.avatar is not None:
             body["avatar"] = self.avatar
-        async with http.post(f"{self.base_url}/api/sessions", json=body) as response:
+        url = f"{self.base_url}/api/sessions"
+        async with http.post(url, json=body, headers=self._headers) as response:
             answer = await response.json()
             if response.status != 201:
                 raise RuntimeError(f"session refused: {response.status} {answer}")
         self.session_id = answer["id"]
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
 
+    @property
+    def connection_state(self) -> str:
+        """The peer connection's state: "connected", then "closed" or "failed" at the end."""
+        return self._pc.connectionState
+
     async def _read_video(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
+                assert isinstance(frame, av.VideoFrame) and frame.pts is not None
                 kept = self._keep(_luma(frame))
                 self.received.video.append((time.monotonic(), frame.pts, kept))
 
@@ -146,6 +156,7 @@ class LipSyncPeer:
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
+                assert isinstance(frame, av.AudioFrame)
                 samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
                 self.received.audio.append((time.monotonic(), samples.astype(np.float32)))
 
@@ -153,7 +164,8 @@ class LipSyncPeer:
         """End the session (DELETE) and the connection; returns the DELETE's status."""
         status = None
         if self.session_id is not None:
-            async with http.delete(f"{self.base_url}/api/sessions/{self.session_id}") as resp:
+            url = f"{self.base_url}/api/sessions/{self.session_id}"
+            async with http.delete(url, headers=self._headers) as resp:
                 status = resp.status
         for task in self._tasks:
             task.cancel()

@@ -12,11 +12,17 @@ When the sessions ask for more frames than the device makes, each session gets a
 and within a session the frames skipped are spread out (a credit per session, topped up by its
 share with every frame: a frame runs when the credit reaches one), so an overloaded device shows
 as a slightly lower frame rate everywhere, not as some sessions or moments frozen.
+
+An engine that fails to warm up, or fails MAX_FAILURES batches in a row (a lost GPU, say), has
+failed for good: the scheduler stops, drops what is queued and reports the reason through
+`on_failure`, so that sessions end with an error and the process can be restarted, instead of
+every frame silently becoming a repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
@@ -25,7 +31,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +56,13 @@ BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 BATCH_WINDOW = 0.005
 COMPOSE_THREADS = min(4, os.cpu_count() or 1)  # OpenCV and PyAV release the GIL as they work
 RECENT_BATCHES = 50  # full batches the device's speed is judged on: 2 s of one session
+# Batches failing in a row before the engine counts as failed for good: one failure may be a
+# passing hiccup (its frames show as repeats), three in a row are not.
+MAX_FAILURES = 3
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed for good; the message says how."""
 
 
 class Capacity:
@@ -104,9 +117,17 @@ def _compose(job: FrameJob, mouth: np.ndarray) -> Any:
 class InferenceScheduler:
     """Batches the frames of all sessions on one device, earliest due first."""
 
-    def __init__(self, engine: MouthEngine, max_batch: int = 4) -> None:
+    def __init__(
+        self,
+        engine: MouthEngine,
+        max_batch: int = 4,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.failure: str | None = None  # why the engine failed for good, once it has
+        self._on_failure = on_failure  # called on the event loop with that reason
+        self._warm: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._heap: list[FrameJob] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
@@ -140,6 +161,15 @@ class InferenceScheduler:
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
 
+    async def warmed_up(self) -> None:
+        """Return once the warm-up has measured the device; EngineFailure if it failed."""
+        await asyncio.wrap_future(self._warm)
+
+    @property
+    def device_fps(self) -> float:
+        """Frames a second the device makes, inference and compositing, as last measured."""
+        return 1.0 / self.seconds_per_frame
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -149,9 +179,12 @@ class InferenceScheduler:
         self._composers.shutdown(cancel_futures=True)
 
     def submit(self, sink: FrameSink, index: int, mel: np.ndarray, due: float) -> bool:
-        """Queue a frame; False if it is skipped to share an overloaded device evenly."""
+        """Queue a frame; False if it is skipped to share an overloaded device evenly, or
+        because the engine has failed."""
         now = time.monotonic()
         with self._cond:
+            if self.failure is not None:
+                return False
             self._last_submit[sink] = now
             active = sum(1 for t in self._last_submit.values() if now - t < 1.0)
             share = min(1.0, HEADROOM / (self.seconds_per_frame * FPS * active))
@@ -239,7 +272,23 @@ class InferenceScheduler:
 
     def _run(self) -> None:
         name_this_thread("inference")
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception as exc:
+            log.exception("%s: the warm-up failed", self.engine.name)
+            self._fail(f"the {self.engine.name} engine failed to warm up: {exc!r}")
+            return
+        self._warm.set_result(None)
+        try:
+            self._serve()
+        except Exception as exc:
+            log.exception("the inference thread failed")
+            self._fail(
+                str(exc) if isinstance(exc, EngineFailure) else f"inference stopped: {exc!r}"
+            )
+
+    def _serve(self) -> None:
+        failures = 0
         while True:
             with self._cond:
                 self._wait_for_batch()
@@ -248,13 +297,34 @@ class InferenceScheduler:
                 batch, late = self._take_batch()
             for job in late:
                 self._call(job.sink.drop, job.index)
-            if batch:
-                try:
-                    self._render(batch)
-                except Exception:
-                    log.exception("inference failed for a batch of %d frames", len(batch))
-                    for job in batch:
-                        self._call(job.sink.drop, job.index)
+            if not batch:
+                continue
+            try:
+                self._render(batch)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log.exception("inference failed for a batch of %d frames", len(batch))
+                for job in batch:
+                    self._call(job.sink.drop, job.index)
+                if failures >= MAX_FAILURES:
+                    raise EngineFailure(
+                        f"the {self.engine.name} engine failed {failures} batches in a row; "
+                        f"the last with {exc!r}"
+                    ) from exc
+
+    def _fail(self, reason: str) -> None:
+        """Stop for good: drop every queued frame and report why."""
+        with self._cond:
+            self.failure = reason
+            self._stopped = True
+            queued, self._heap = self._heap, []
+        for job in queued:
+            self._call(job.sink.drop, job.index)
+        if not self._warm.done():
+            self._warm.set_exception(EngineFailure(reason))
+        if self._on_failure is not None:
+            self._call(self._on_failure, reason)
 
     def _render(self, batch: Sequence[FrameJob]) -> None:
         started = time.monotonic()

@@ -49,6 +49,12 @@ JITTER_SECONDS = 0.06
 MAX_READY = 16  # finished frames waiting for their turn (0.64 s)
 SPEECH_RMS = 0.01  # about -40 dBFS
 SPEECH_HANGOVER = 0.4  # seconds of quiet before speaking counts as stopped
+# A connection not up this long after the answer never will be (ICE and DTLS take a second or
+# two, through TURN a few): its slot is freed.
+CONNECT_TIMEOUT = 20.0
+WATCH_PERIOD = 1.0
+# How long an `error` event may take to leave before the connection closes under it.
+ERROR_FLUSH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class SessionOptions:
     idle_timeout: float  # seconds without microphone media before the session ends
     bitrate: int  # initial video bitrate, bits per second
     send_audio: bool  # whether the peer accepts the returned audio
+    peer_timeout: float  # seconds without any packet from the peer before it counts as gone
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,10 @@ class Session:
         self._closing: asyncio.Task[None] | None = None
         self._speaking = False
         self._quiet_since = 0.0
-        self.video_track = LipSyncVideoTrack(self.clock, self)
-        self.audio_track = ReturnedAudioTrack(self.clock, self) if options.send_audio else None
+        self.video_track = LipSyncVideoTrack(self.clock, self, self._track_failed)
+        self.audio_track = (
+            ReturnedAudioTrack(self.clock, self, self._track_failed) if options.send_audio else None
+        )
         # Counters: totals, and the last second's window for the stats message.
         self.delivered = 0
         self.generated = 0
@@ -136,11 +145,34 @@ class Session:
         if task.cancelled() or task.exception() is None or self.closed:
             return
         log.error("session %s: %s failed", self.id, task.get_name(), exc_info=task.exception())
-        self._closing = asyncio.create_task(self.close())
+        part = task.get_name().removesuffix(f"-{self.id}")
+        self.end_with_error("internal", f"the session's {part} failed")
+
+    def _track_failed(self, kind: str, exc: Exception) -> None:
+        log.error("session %s: the %s track failed", self.id, kind, exc_info=exc)
+        self.end_with_error("internal", f"the session's outgoing {kind} failed")
+
+    def end_with_error(self, code: str, message: str) -> None:
+        """End the session because part of the server failed: the peer gets an `error` event
+        saying why, then the connection closes."""
+        if self.closed or self._closing is not None:
+            return
+        self._send({"type": "error", "code": code, "message": message})
+        self._closing = asyncio.create_task(self._close_after_flush())
+
+    async def _close_after_flush(self) -> None:
+        """Close once the data channel has sent what it holds (the error), or after a moment."""
+        channel = self._events
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ERROR_FLUSH_SECONDS):
+                while channel is not None and channel.bufferedAmount > 0:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # the transport's own send queue
+        await self.close()
 
     def watch(self) -> None:
-        """End the session if no media comes, even if the connection never comes up."""
-        self._spawn(self._watch_idle(), "idle")
+        """End the session when its peer never connects, vanishes, or sends no media."""
+        self._spawn(self._watch(), "watch")
 
     def start(self, video_sender: RTCRtpSender) -> None:
         """Begin once the connection is up: the clock, frame production and stats."""
@@ -254,9 +286,8 @@ class Session:
         # Converted here, off the event loop, so the encoder gets what it encodes; by OpenCV,
         # which releases the GIL and took a quarter of swscale's time (0.09 ms against 0.42 for
         # 512x512, same fidelity). Video frames have even sizes (`fit_video`), as I420 needs.
-        return av.VideoFrame.from_ndarray(
-            cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), format="yuv420p"
-        )
+        i420 = np.asarray(cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), np.uint8)
+        return av.VideoFrame.from_ndarray(i420, format="yuv420p")
 
     # -- called by the tracks -------------------------------------------------------------
 
@@ -348,17 +379,39 @@ class Session:
             )
             previous = current
 
-    async def _watch_idle(self) -> None:
-        started = time.monotonic()
+    async def _watch(self) -> None:
+        """Once a second: has the connection come up in time, is the peer still there (any
+        packet from it counts: RTCP reports on the video it receives, microphone RTP), and
+        has media come lately? A killed peer sends no DTLS close, and ICE's own consent checks
+        take 30 s to notice; this frees its slot within `peer_timeout`."""
+        created = heard = time.monotonic()
+        received = 0
         while True:
-            await asyncio.sleep(1.0)
-            last = self._microphone.last_media if self._microphone else started
-            if time.monotonic() - last > self.options.idle_timeout:
-                log.info(
-                    "session %s: no media for %.0f s, closing", self.id, time.monotonic() - last
-                )
+            await asyncio.sleep(WATCH_PERIOD)
+            now = time.monotonic()
+            count = await self._packets_received()
+            if count != received:
+                received, heard = count, now
+            last_media = self._microphone.last_media if self._microphone else created
+            started = self.clock.started.is_set()
+            if not started and now - created > CONNECT_TIMEOUT:
+                gone, why = True, f"the connection did not come up within {CONNECT_TIMEOUT:g} s"
+            elif started and now - heard > self.options.peer_timeout:
+                gone, why = True, f"nothing came from the peer for {now - heard:.0f} s"
+            else:
+                gone = now - last_media > self.options.idle_timeout
+                why = f"no media for {now - last_media:.0f} s"
+            if gone:
+                log.info("session %s: %s, closing", self.id, why)
                 await self.close()
                 return
+
+    async def _packets_received(self) -> int:
+        """Packets that reached the connection's DTLS transport: RTP, RTCP, DTLS and SCTP."""
+        stats = await self.pc.getStats()
+        return sum(
+            getattr(s, "packetsReceived", 0) for s in stats.values() if s.type == "transport"
+        )
 
     async def close(self) -> None:
         """Free everything: tasks, pending frames, tracks, the peer connection. Idempotent."""

@@ -3,6 +3,10 @@
 Both are paced by the session clock, not by aiortc: `recv` sleeps until its frame is due, and a
 track that finds itself behind (a slow start, a stalled loop) skips ahead to the present
 instead of sending old frames late, so lag can never build up.
+
+A frame that cannot be made (a bug, say) must not stop the track quietly: aiortc would log a
+warning and leave the peer with a frozen picture. The track reports the failure, which ends the
+session like any other failing part, and ends itself.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from abc import abstractmethod
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Protocol
 
 import av
 import numpy as np
-from aiortc.mediastreams import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from rtc_server.clock import AUDIO_FRAME_SECONDS, VIDEO_FRAME_SECONDS, SessionClock
 
@@ -51,34 +57,48 @@ def _catch_up(clock: SessionClock, index: int, period: float) -> int:
     return index
 
 
+# Told which track failed ("video" or "audio") and how.
+OnFailure = Callable[[str, Exception], None]
+
+
 class _PacedTrack(MediaStreamTrack):
-    """Hands out the index of each `period` of session time when it is due."""
+    """Hands out the index of each `period` of session time when it is due, and the frame
+    `_frame` makes for it."""
 
     period: float
 
-    def __init__(self, clock: SessionClock) -> None:
+    def __init__(self, clock: SessionClock, on_failure: OnFailure) -> None:
         super().__init__()
         self._clock = clock
         self._index = 0
+        self._on_failure = on_failure
 
-    async def _next_index(self) -> int:
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:
         await self._clock.started.wait()
         index = _catch_up(self._clock, self._index, self.period)
         await _wait_until(self._clock.due(index * self.period))
         self._index = index + 1
-        return index
+        try:
+            return self._frame(index)
+        except Exception as exc:
+            self._on_failure(self.kind, exc)
+            self.stop()
+            raise MediaStreamError from exc
+
+    @abstractmethod
+    def _frame(self, index: int) -> av.VideoFrame | av.AudioFrame:
+        """The frame that shows session time `index * period`."""
 
 
 class LipSyncVideoTrack(_PacedTrack):
     kind = "video"
     period = VIDEO_FRAME_SECONDS
 
-    def __init__(self, clock: SessionClock, source: FrameSource) -> None:
-        super().__init__(clock)
+    def __init__(self, clock: SessionClock, source: FrameSource, on_failure: OnFailure) -> None:
+        super().__init__(clock, on_failure)
         self._source = source
 
-    async def recv(self) -> av.VideoFrame:
-        index = await self._next_index()
+    def _frame(self, index: int) -> av.VideoFrame:
         frame = self._source.frame_for(index, time.monotonic())
         frame.pts = index * VIDEO_PTS_STEP
         frame.time_base = Fraction(1, VIDEO_CLOCK_RATE)
@@ -91,12 +111,11 @@ class ReturnedAudioTrack(_PacedTrack):
     kind = "audio"
     period = AUDIO_FRAME_SECONDS
 
-    def __init__(self, clock: SessionClock, source: AudioSource) -> None:
-        super().__init__(clock)
+    def __init__(self, clock: SessionClock, source: AudioSource, on_failure: OnFailure) -> None:
+        super().__init__(clock, on_failure)
         self._source = source
 
-    async def recv(self) -> av.AudioFrame:
-        index = await self._next_index()
+    def _frame(self, index: int) -> av.AudioFrame:
         samples = self._source.audio_for(index * AUDIO_FRAME_SAMPLES, AUDIO_FRAME_SAMPLES)
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")

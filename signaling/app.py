@@ -1,9 +1,11 @@
-"""The aiohttp application: health, ICE servers and avatars, and the place sessions plug in.
+"""The aiohttp application: health, ICE servers, avatars, tokens, and where sessions plug in.
 
 Each part keeps its routes in its own `web.RouteTableDef` and finds shared state on the app
-through typed keys: `CONFIG`, `AVATARS`, `ENGINE_NAME` and `SESSION_COUNT`. The session part
-passes its routes and a live session count to `create_app`, and adds its own startup and
-cleanup hooks to the app it returns.
+through typed keys: `CONFIG`, `AVATARS` and `MEDIA_HEALTH`. The session part passes its routes
+and its health to `create_app`, and adds its own startup and cleanup hooks to the app it returns.
+
+Every request passes, in order: the guard (Host and Origin, CORS), the error middleware (any
+failure becomes a JSON error), and, when the server has an API key, authentication.
 """
 
 from __future__ import annotations
@@ -13,44 +15,56 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiortc.rtcicetransport import connection_kwargs
 
-from signaling import avatars
+from signaling import auth, avatars
 from signaling.avatars import AVATARS, AvatarStore
+from signaling.bodies import JSON_LIMIT
 from signaling.config import CONFIG, ServerConfig
 from signaling.errors import error_middleware
+from signaling.guard import Guard
 from signaling.ice import ice_servers, rtc_configuration
 
-ENGINE_NAME = web.AppKey[str]("engine_name")
-SESSION_COUNT = web.AppKey[Callable[[], int]]("session_count")
+# The media side's state for /api/health: {"status": "ok" or "degraded", "reason"?, "engine",
+# "sessions", "max_sessions", "capacity", "headroom", ...}.
+MediaHealth = Callable[[], dict[str, object]]
+MEDIA_HEALTH = web.AppKey[MediaHealth]("media_health")
 
 routes = web.RouteTableDef()
 page_routes = web.RouteTableDef()
 
 
+def _no_media() -> dict[str, object]:
+    return {"status": "ok", "engine": None, "sessions": 0}
+
+
 def create_app(
     config: ServerConfig,
     *,
-    engine_name: str = "wav2lip",
-    session_count: Callable[[], int] = lambda: 0,
+    media_health: MediaHealth = _no_media,
     session_routes: Iterable[web.AbstractRouteDef] = (),
 ) -> web.Application:
-    """The application, not yet started: `web.run_app(app)` or aiohttp's test server start it.
+    """The application, not yet started: `signaling.runner.run` or aiohttp's test server
+    start it.
 
-    `engine_name` is what renders the video, as health reports it; `session_count` returns the
-    number of live sessions whenever health is asked; `session_routes` (e.g. a RouteTableDef)
-    are added beside the routes here and see the same error handling.
+    `media_health` gives the media side's state whenever health is asked; `session_routes`
+    (e.g. a RouteTableDef) are added beside the routes here and see the same checks.
     """
-    app = web.Application(middlewares=[error_middleware])
+    middlewares: list[Middleware] = [Guard(config).middleware, error_middleware]
+    if config.api_key is not None:
+        middlewares.append(auth.auth_middleware(config.api_key))
+    # Bodies the handlers read whole are small; uploads raise this limit for themselves.
+    app = web.Application(middlewares=middlewares, client_max_size=JSON_LIMIT)
     app[CONFIG] = config
-    app[ENGINE_NAME] = engine_name
-    app[SESSION_COUNT] = session_count
+    app[MEDIA_HEALTH] = media_health
     app[AVATARS] = AvatarStore(config)
     app.on_startup.append(_start_avatars)
     app.on_cleanup.append(_close_avatars)
     app.add_routes(routes)
     app.add_routes(page_routes)
     app.add_routes(avatars.routes)
+    app.add_routes(auth.routes)
     app.add_routes(session_routes)
     return app
 
@@ -77,18 +91,21 @@ def _server_ice(config: ServerConfig) -> dict[str, str | None]:
 
 @routes.get("/api/health")
 async def health(request: web.Request) -> web.Response:
+    """200 while sessions can be served, 503 with the reason once the media side has failed:
+    what a load balancer or an orchestrator's probe needs."""
     app = request.app
     config = app[CONFIG]
+    media = app[MEDIA_HEALTH]()
     return web.json_response(
         {
-            "status": "ok",
-            "engine": app[ENGINE_NAME],
-            "sessions": app[SESSION_COUNT](),
-            "max_sessions": config.max_sessions,
+            **media,
             "avatars": len(app[AVATARS]),
+            "auth": "key" if config.api_key else "open",
             # aiortc uses only the first STUN and the first usable TURN URL; browsers use all.
             "server_ice": _server_ice(config),
-        }
+        },
+        status=200 if media["status"] == "ok" else 503,
+        headers={"Cache-Control": "no-store"},
     )
 
 

@@ -6,9 +6,21 @@ Argument parsing lives here and only here; each subcommand calls into the librar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from signaling.config import ServerConfig
+
+# Where the API key may come from instead of --api-key, which a process list would show.
+API_KEY_VARIABLE = "LIPSYNC_API_KEY"
+TRUST_HELP = (
+    "load TorchScript checkpoints (.pt archives), which run code from the file: only for a "
+    "file you trust"
+)
 
 
 class UsageError(Exception):
@@ -25,7 +37,7 @@ def _box(text: str) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-def _render(args: argparse.Namespace) -> None:
+def _render(args: argparse.Namespace) -> int:
     from wav2lip.blend import first_face_row
     from wav2lip.checkpoint import load_checkpoint
     from wav2lip.engine import Engine
@@ -42,7 +54,9 @@ def _render(args: argparse.Namespace) -> None:
             "no Wav2Lip checkpoint: pass --checkpoint PATH or run `lipsync weights fetch`"
         )
     engine = Engine(
-        load_checkpoint(checkpoint), device=args.device, first_row=first_face_row(args.blend)
+        load_checkpoint(checkpoint, trust_code=args.trust_checkpoint),
+        device=args.device,
+        first_row=first_face_row(args.blend),
     )
     result = render(
         args.face,
@@ -56,17 +70,15 @@ def _render(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(f"wrote {result.path}: {result.frames} frames at 25 fps, face box {result.box}")
+    return 0
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import logging
-
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server's settings from `lipsync serve`'s flags (and the API key's variable)."""
     from signaling.config import ServerConfig
-    from signaling.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     width, height = args.video_size
-    config = ServerConfig(
+    return ServerConfig(
         host=args.host,
         port=args.port,
         max_sessions=args.max_sessions,
@@ -84,8 +96,26 @@ def _serve(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         cache=args.cache,
         device=args.device,
+        trust_checkpoint=args.trust_checkpoint,
+        allowed_origins=tuple(args.allowed_origin or ()),
+        public_hosts=tuple(args.public_host or ()),
+        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        token_ttl=args.token_ttl,
+        request_timeout=args.request_timeout,
+        max_concurrent_uploads=args.max_concurrent_uploads,
+        peer_timeout=args.peer_timeout,
+        min_fps=args.min_fps,
+        shutdown_grace=args.shutdown_grace,
     )
-    serve(config, delay=args.delay)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from signaling.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return serve(config_from_args(args), delay=args.delay)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -96,19 +126,21 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _weights_fetch(args: argparse.Namespace) -> None:
+def _weights_fetch(args: argparse.Namespace) -> int:
     from wav2lip.weights import fetch
 
     path = fetch(args.name, cache=args.cache, mirrors=args.mirror, progress=not args.quiet)
     print(f"{args.name}: verified at {path}")
+    return 0
 
 
-def _weights_list(args: argparse.Namespace) -> None:
+def _weights_list(args: argparse.Namespace) -> int:
     from wav2lip.weights import cache_dir, list_models
 
     print(f"cache: {cache_dir(args.cache)}")
     for model in list_models(args.cache):
         print(f"{model.name:24} {model.size / 1e6:8.1f} MB  {model.state:9} {model.description}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,9 +179,63 @@ def build_parser() -> argparse.ArgumentParser:
         "and the first TURN URL",
     )
     serve.add_argument("--turn-secret", help="coturn static-auth-secret for TURN credentials")
-    serve.add_argument("--turn-ttl", type=int, default=24 * 3600, help="TURN login lifetime (s)")
+    serve.add_argument(
+        "--turn-ttl",
+        type=int,
+        default=6 * 3600,
+        help="TURN login lifetime (s); a session relayed through TURN cannot outlast it",
+    )
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
+    serve.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    access = serve.add_argument_group("who may use the server")
+    access.add_argument(
+        "--api-key",
+        help=f"require this key (or a token minted with it) on the API; also ${API_KEY_VARIABLE}",
+    )
+    access.add_argument("--token-ttl", type=int, default=600, help="minted tokens' lifetime (s)")
+    access.add_argument(
+        "--allowed-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="another site (https://app.example.com) whose pages may call the API (repeatable)",
+    )
+    access.add_argument(
+        "--public-host",
+        action="append",
+        metavar="NAME",
+        help="a host name the server is reached by, besides localhost and its addresses "
+        "(repeatable)",
+    )
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a client has for a request's headers, and again for its body",
+    )
+    limits.add_argument(
+        "--max-concurrent-uploads", type=int, default=4, help="photo uploads handled at once"
+    )
+    limits.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=10.0,
+        help="end a session after this many seconds without any packet from its peer",
+    )
+    limits.add_argument(
+        "--min-fps",
+        type=float,
+        default=20.0,
+        help="refuse a new session unless every session could still get this many inferred "
+        "frames a second, as the device was measured (0: only --max-sessions)",
+    )
+    limits.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds SIGTERM gives sessions and requests before the process exits",
+    )
     serve.set_defaults(run=_serve)
 
     render = commands.add_parser("render", help="render a photo speaking an audio file to MP4")
@@ -162,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--blend", choices=("feather", "hard"), default="feather")
     render.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     render.add_argument("--batch-size", type=int, default=16)
+    render.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(run=_render)
 
@@ -190,13 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from wav2lip.weights import WeightsError
 
     try:
-        args.run(args)
+        return int(args.run(args))
     except (UsageError, CheckpointError, NoFaceError, WeightsError, ValueError, OSError) as exc:
         print(f"lipsync: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from signaling.guard import normal_host_name, normal_origin
 from signaling.ice import check_ice_config
+
+# An API key shorter than this could be guessed.
+MIN_KEY_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class ServerConfig:
     ice_servers: tuple[str, ...] = ()
     # Shared secret of a coturn server (`static-auth-secret`) for time-limited TURN logins.
     turn_secret: str | None = None
-    turn_ttl: int = 24 * 3600
+    # TURN logins' lifetime: a session relayed through TURN cannot outlast its login.
+    turn_ttl: int = 6 * 3600
     # A session that receives no media for this many seconds is closed.
     session_idle_timeout: float = 30.0
     avatar_limit: int = 32
@@ -39,9 +44,39 @@ class ServerConfig:
     checkpoint: Path | None = None
     cache: Path | None = None
     device: str = "auto"
+    # TorchScript checkpoints run code from the file: loaded only when the user trusts it.
+    trust_checkpoint: bool = False
+    # -- who may call, and from where (signaling/guard.py, signaling/auth.py) -----------------
+    # Origins (scheme://host[:port]) besides the server's own whose pages may use the API.
+    allowed_origins: tuple[str, ...] = ()
+    # Host names the server answers to, besides localhost and its own addresses.
+    public_hosts: tuple[str, ...] = ()
+    # With a key, every /api/ route but health needs it or a token minted with it.
+    api_key: str | None = None
+    token_ttl: int = 600
+    # -- hostile clients --------------------------------------------------------------------
+    # Seconds a client has to send a request's headers (from connecting, or from the previous
+    # response), and then its body.
+    request_timeout: float = 15.0
+    # Photo uploads received and decoded at once; more wait briefly, then get 503.
+    max_concurrent_uploads: int = 4
+    # -- the media side ---------------------------------------------------------------------
+    # A peer from which nothing has arrived for this long has vanished: its session ends.
+    peer_timeout: float = 10.0
+    # A new session is refused unless every session could still get this many inferred
+    # frames a second on the device, as measured.
+    min_fps: float = 20.0
+    # Seconds that SIGTERM gives sessions and requests before the process exits.
+    shutdown_grace: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ice_servers", tuple(self.ice_servers))
+        object.__setattr__(
+            self, "allowed_origins", tuple(normal_origin(o) for o in self.allowed_origins)
+        )
+        object.__setattr__(
+            self, "public_hosts", tuple(normal_host_name(h) for h in self.public_hosts)
+        )
         positive = {
             "--max-sessions": self.max_sessions,
             "--max-upload-bytes": self.max_upload_bytes,
@@ -50,6 +85,11 @@ class ServerConfig:
             "--turn-ttl": self.turn_ttl,
             "--session-idle-timeout": self.session_idle_timeout,
             "--avatar-limit": self.avatar_limit,
+            "--token-ttl": self.token_ttl,
+            "--request-timeout": self.request_timeout,
+            "--max-concurrent-uploads": self.max_concurrent_uploads,
+            "--peer-timeout": self.peer_timeout,
+            "--shutdown-grace": self.shutdown_grace,
         }
         for flag, value in positive.items():
             if value <= 0:
@@ -60,6 +100,13 @@ class ServerConfig:
             raise ValueError("the video size must be at least 64x64 pixels")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.min_fps < 0 or self.min_fps > 25:
+            raise ValueError(f"--min-fps must be 0 to 25 (the video's rate), got {self.min_fps}")
+        if self.api_key is not None and len(self.api_key) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"the API key must have at least {MIN_KEY_LENGTH} characters; make one with "
+                "`openssl rand -hex 32`"
+            )
         check_ice_config(self.ice_servers, self.turn_secret)
 
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import ipaddress
 import logging
 import ssl
 
 from aiohttp import web
 
 from rtc_server.manager import ManagerOptions, SessionManager
+from rtc_server.scheduler import EngineFailure
 from rtc_server.session import JITTER_SECONDS
 from signaling.app import create_app
 from signaling.config import ServerConfig
 from signaling.ice import rtc_configuration
-from signaling.sessions import install
+from signaling.runner import run
+from signaling.sessions import SESSIONS, install
 from signaling.sessions import routes as session_routes
 from wav2lip.animator import Animator
 from wav2lip.audio import LOOKAHEAD_SECONDS
@@ -50,7 +54,9 @@ def load_engine(config: ServerConfig) -> MouthEngine:
     log.info("Wav2Lip weights: %s", checkpoint)
     # Sessions blend with the feathered mask: only the lower face is computed.
     return Engine(
-        load_checkpoint(checkpoint), device=config.device, first_row=first_face_row("feather")
+        load_checkpoint(checkpoint, trust_code=config.trust_checkpoint),
+        device=config.device,
+        first_row=first_face_row("feather"),
     )
 
 
@@ -83,15 +89,12 @@ def build_app(
             idle_timeout=config.session_idle_timeout,
             bitrate=config.video_bitrate,
             max_batch=GPU_BATCH if _on_gpu(engine) else CPU_BATCH,
+            peer_timeout=config.peer_timeout,
+            min_fps=config.min_fps,
         ),
         lambda: rtc_configuration(config),
     )
-    app = create_app(
-        config,
-        engine_name=engine.name,
-        session_count=lambda: len(manager),
-        session_routes=session_routes,
-    )
+    app = create_app(config, media_health=manager.health, session_routes=session_routes)
     install(app, manager)
     return app
 
@@ -112,7 +115,29 @@ async def _freeze_heap(_: web.Application) -> None:
     gc.freeze()
 
 
-def serve(config: ServerConfig, delay: float | None = None) -> None:
-    app = build_app(config, delay=delay)
+def _beyond_loopback(host: str) -> bool:
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a wildcard ("") or a name: assume other machines can reach it
+
+
+def serve(
+    config: ServerConfig, delay: float | None = None, engine: MouthEngine | None = None
+) -> int:
+    """Run the server until SIGTERM (exit code 0) or until its engine fails for good (1)."""
+    if _beyond_loopback(config.host) and config.api_key is None:
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this address can start "
+            "sessions and upload photos; set --api-key (or $LIPSYNC_API_KEY)",
+            config.host,
+        )
+    app = build_app(config, engine=engine, delay=delay)
     app.on_startup.append(_freeze_heap)  # last: after the avatars and sessions have started
-    web.run_app(app, host=config.host, port=config.port, ssl_context=ssl_context(config))
+    try:
+        return asyncio.run(run(app, config, app[SESSIONS].failed, ssl_context(config)))
+    except EngineFailure as exc:
+        log.error("%s; exiting", exc)
+        return 1

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
-from rtc_server.manager import BadOffer, SessionManager, SessionsFull
+from rtc_server.manager import BadOffer, MediaFailed, SessionManager, SessionsFull
 from rtc_server.session import Photo
 from signaling.avatars import AVATARS, DEFAULT_ID
-from signaling.errors import ApiError, error_response
+from signaling.bodies import read_json_object
+from signaling.config import CONFIG
+from signaling.errors import ApiError
 
 SESSIONS = web.AppKey("sessions", SessionManager)
 RETRY_AFTER_SECONDS = 10
@@ -19,12 +20,8 @@ routes = web.RouteTableDef()
 
 
 async def _offer(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "bad_json", "the body must be JSON: {sdp, type, avatar?}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_json", "the body must be a JSON object: {sdp, type, avatar?}")
+    timeout = request.app[CONFIG].request_timeout
+    body = await read_json_object(request, timeout, "{sdp, type, avatar?}")
     if not isinstance(body.get("sdp"), str) or not body["sdp"].strip():
         raise ApiError(400, "bad_offer", '"sdp" must be the offer\'s SDP text')
     if body.get("type") != "offer":
@@ -47,13 +44,14 @@ async def create_session(request: web.Request) -> web.Response:
     photo = Photo(avatar.image, avatar.box, avatar.face_input)
     try:
         session, answer = await request.app[SESSIONS].create(body["sdp"], photo)
-    except SessionsFull as exc:
-        return error_response(
+    except (SessionsFull, MediaFailed) as exc:
+        full = isinstance(exc, SessionsFull)
+        raise ApiError(
             503,
-            "server_full",
-            f"{exc}; try again in a little while",
+            "server_full" if full else "degraded",
+            f"{exc}; " + ("try again in a little while" if full else "the server will restart"),
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        ) from None
     except BadOffer as exc:
         raise ApiError(400, "bad_offer", str(exc)) from None
     return web.json_response({"id": session.id, "sdp": answer, "type": "answer"}, status=201)

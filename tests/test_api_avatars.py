@@ -273,7 +273,7 @@ async def test_still_healthy_after_bad_requests(client: TestClient) -> None:
     assert response.status == 200
     health = await response.json()
     assert health["status"] == "ok"
-    assert (health["engine"], health["sessions"], health["max_sessions"]) == ("wav2lip", 0, 4)
+    assert (health["engine"], health["sessions"]) == (None, 0)  # no media side plugged in
     assert health["avatars"] >= 2
     assert health["server_ice"] == {"stun": None, "turn": None}
 
@@ -300,12 +300,16 @@ async def test_session_routes_count_errors_and_eviction(
         raise RuntimeError("a bug")
 
     config = ServerConfig(cache=tmp_path, avatar_limit=2, max_sessions=7)
-    app = create_app(
-        config, engine_name="animator", session_count=lambda: 3, session_routes=session_routes
-    )
+    media = {"status": "ok", "engine": "animator", "sessions": 3, "max_sessions": 7}
+    app = create_app(config, media_health=lambda: media, session_routes=session_routes)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         health = await (await client.get("/api/health")).json()
         assert (health["engine"], health["sessions"], health["max_sessions"]) == ("animator", 3, 7)
+        media["status"], media["reason"] = "degraded", "the engine failed"
+        response = await client.get("/api/health")
+        assert response.status == 503
+        assert (await response.json())["reason"] == "the engine failed"
+        media["status"] = "ok"
 
         with caplog.at_level(logging.ERROR, logger="signaling.errors"):
             response = await client.post("/api/sessions", json={})

@@ -167,9 +167,10 @@ def test_a_delay_too_short_for_the_audio_window_is_refused() -> None:
         build_app(ServerConfig(offline=True), engine=Animator(), delay=0.2)
 
 
-async def test_serve_freezes_what_start_up_made(monkeypatch) -> None:
+def test_serve_freezes_what_start_up_made(monkeypatch) -> None:
     """The garbage collector's full passes skip the model and libraries once the server has
     started: a session's end no longer stalls every other session for 100 ms or more."""
+    import asyncio
     import gc
 
     from aiohttp import web
@@ -177,13 +178,18 @@ async def test_serve_freezes_what_start_up_made(monkeypatch) -> None:
     from signaling import server as server_module
 
     started: list[web.Application] = []
-    monkeypatch.setattr(server_module.web, "run_app", lambda app, **_: started.append(app))
-    server_module.serve(ServerConfig(offline=True))
+
+    async def run(app: web.Application, *_) -> int:
+        started.append(app)
+        return 0
+
+    monkeypatch.setattr(server_module, "run", run)
+    assert server_module.serve(ServerConfig(offline=True)) == 0
     (app,) = started
     assert app.on_startup[-1] is server_module._freeze_heap  # after everything else starts
     gc.unfreeze()
     try:
-        await server_module._freeze_heap(app)
+        asyncio.run(server_module._freeze_heap(app))
         assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()

@@ -80,7 +80,7 @@ def test_aiortc_configuration_has_the_same_servers() -> None:
     ]
     assert aiortc[0].username is None and aiortc[0].credential is None
     check_turn_login(
-        {"username": aiortc[1].username, "credential": aiortc[1].credential}, 86400, now
+        {"username": aiortc[1].username, "credential": aiortc[1].credential}, config.turn_ttl, now
     )
 
 

@@ -304,3 +304,38 @@ def test_a_full_server_says_when_to_retry_and_leaving_frees_the_slot(open_page, 
     assert _wait_for_sessions(base_url, 0)["sessions"] == 0
     assert first.errors == [] and second.errors == []
     assert first.foreign == [] and second.foreign == []
+
+
+def test_with_an_api_key_the_page_works_from_a_token_link(browser, tmp_path: Path) -> None:
+    """The operator's backend mints a token and hands out `/#token=...`: the page uses it for
+    every call (the photo's preview included), keeps it out of the address bar, and without
+    it says that an access link is needed."""
+    key = "an operator key of 32 characters"
+    config = ServerConfig(offline=True, max_sessions=1, cache=tmp_path, api_key=key)
+    with serve_in_thread(config) as url:
+        request = urllib.request.Request(
+            f"{url}/api/tokens", method="POST", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            link = json.load(response)["page"]
+
+        context = browser.new_context(permissions=["microphone"])
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-state=failed]")
+        assert "access link" in page.get_by_test_id("status").inner_text()
+        context.close()
+
+        watch = PageWatch(browser, url + link)
+        page = watch.page
+        assert page.evaluate("location.hash") == ""  # taken out of the address bar
+        assert page.evaluate(
+            "document.querySelector('[data-testid=avatar-preview]').src"
+        ).startswith("blob:")
+        watch.by_id("start").click()
+        page.wait_for_selector("body[data-state=live]", timeout=LIVE_TIMEOUT_MS)
+        page.reload()  # the token is kept for the tab
+        page.wait_for_selector("body[data-state=idle]")
+        assert _wait_for_sessions(url, 0)["sessions"] == 0  # the reload ended the call
+        assert watch.errors == [] and watch.foreign == []
+        watch.close()
