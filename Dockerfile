@@ -1,7 +1,7 @@
 # lipsync: the real-time lip-sync server, on CPU or an NVIDIA GPU.
 #
 #   docker build -t lipsync .
-#   docker run --network host -v lipsync-weights:/weights lipsync            # CPU
+#   docker run --network host -v lipsync-weights:/weights lipsync            # CPU, one process
 #   docker run --network host --gpus all -v lipsync-weights:/weights lipsync # NVIDIA GPU
 #
 # Host networking: aiortc picks random UDP ports for media and cannot be pinned to a range, so
@@ -29,4 +29,6 @@ RUN pip install --no-cache-dir .
 ENV LIPSYNC_CACHE=/weights
 VOLUME /weights
 EXPOSE 8080
-ENTRYPOINT ["lipsync", "serve", "--host", "0.0.0.0"]
+# `docker run ... lipsync` serves in one process; the compose file runs `gateway` and `worker`.
+ENTRYPOINT ["lipsync"]
+CMD ["serve", "--host", "0.0.0.0"]

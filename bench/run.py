@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -44,7 +45,7 @@ import aiohttp
 import numpy as np
 import torch
 
-from rtc_server.peer import LipSyncPeer
+from client.peer import LipSyncPeer
 from tests.conftest import free_port, random_wav2lip
 from wav2lip.audio import load_audio
 from wav2lip.blend import Blender, first_face_row
@@ -244,28 +245,32 @@ def _peer_group(url: str, count: int, speech: np.ndarray, start_at: float, secon
 
 
 def _measure(
-    urls: list[str], pids: list[int], count: int, seconds: float, speech: np.ndarray, processes: int
+    url: str, pids: dict[str, int], count: int, seconds: float, speech: np.ndarray, processes: int
 ) -> dict[str, object]:
-    """N sessions, their peers spread over processes (each talking to one of the servers, in
-    turn), all measured over the same window."""
-    processes = min(count, max(processes, len(urls)))
+    """N sessions, their peers spread over processes, all measured over the same window; the
+    server's CPU by thread and by process (the front door and each worker)."""
+    processes = min(count, processes)
     groups = [count // processes + (i < count % processes) for i in range(processes)]
     start_at = time.time() + 15 + 0.5 * max(groups)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
         futures = [
-            pool.submit(_peer_group, urls[i % len(urls)], size, speech, start_at, seconds)
-            for i, size in enumerate(groups)
+            pool.submit(_peer_group, url, size, speech, start_at, seconds) for size in groups
         ]
         time.sleep(max(0.0, start_at - time.time()))
-        before, wall = _servers_cpu(pids), time.monotonic()
+        before, wall = _servers_cpu(pids.values()), time.monotonic()
+        processes_before = {name: sum(_thread_cpu(pid).values()) for name, pid in pids.items()}
         gpu = []
         while time.monotonic() - wall < seconds:
             if (sample := _gpu_utilisation()) is not None:
                 gpu.append(sample)
             time.sleep(0.5)
-        after = _servers_cpu(pids)
+        after = _servers_cpu(pids.values())
         elapsed = time.monotonic() - wall
+        by_process = {
+            name: round((sum(_thread_cpu(pid).values()) - processes_before[name]) / elapsed * 100)
+            for name, pid in pids.items()
+        }
         outcomes = [future.result() for future in futures]
     threads = {
         name: round((after[name] - before.get(name, 0.0)) / elapsed * 100)
@@ -273,8 +278,9 @@ def _measure(
     }
     return {
         "sessions": count,
-        "servers": len(urls),
+        "workers": len(pids) - 1 if len(pids) > 1 else 0,
         "server_cpu_percent": sum(threads.values()),
+        "server_cpu_by_process_percent": by_process,
         "server_cpu_by_thread_percent": {k: v for k, v in threads.items() if v >= 1},
         "gpu_utilisation_percent": round(float(np.mean(gpu))) if gpu else None,
         # The peers share the machine: what they take, the server cannot have.
@@ -284,7 +290,7 @@ def _measure(
     }
 
 
-def _servers_cpu(pids: list[int]) -> dict[str, float]:
+def _servers_cpu(pids: Iterable[int]) -> dict[str, float]:
     """CPU seconds by thread name, summed over the server processes."""
     totals: dict[str, float] = {}
     for pid in pids:
@@ -301,52 +307,58 @@ def bench_sessions(
     seconds: float,
     processes: int,
     delay: float | None,
-    servers: int,
+    workers: int | None,
     log: Path,
 ) -> list[dict]:
-    """`servers` server processes share the device (a GPU has room for more sessions than one
-    Python process can encode and send); their output goes to `log`."""
+    """One `lipsync serve`, with `--workers N` when given (the front door and N worker
+    processes sharing the device); its output goes to `log`. `--min-fps 0`: sessions beyond
+    the device's capacity are admitted, to measure how it degrades."""
     speech = load_audio(speech_wav)
-    ports = [free_port() for _ in range(servers)]
+    port = free_port()
+    command = [
+        sys.executable, "-m", "signaling.cli", "serve", "--offline", "--port", str(port),
+        "--checkpoint", str(checkpoint), "--device", device,
+        "--max-sessions", str(max(counts)), "--min-fps", "0",
+    ]  # fmt: skip
+    if delay is not None:
+        command += ["--delay", str(delay)]
+    if workers is not None:
+        command += ["--workers", str(workers)]
     with tempfile.TemporaryDirectory() as folder, log.open("w") as log_file:
-        started = []
+        server = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=dict(os.environ, LIPSYNC_CACHE=folder),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            for port in ports:
-                command = [
-                    sys.executable, "-m", "signaling.cli", "serve", "--offline",
-                    "--port", str(port), "--checkpoint", str(checkpoint), "--device", device,
-                    "--max-sessions", str(max(counts)),
-                ]  # fmt: skip
-                if delay is not None:
-                    command += ["--delay", str(delay)]
-                started.append(
-                    subprocess.Popen(
-                        command,
-                        cwd=ROOT,
-                        env=dict(os.environ, LIPSYNC_CACHE=folder),
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            urls = [f"http://127.0.0.1:{port}" for port in ports]
-            for url in urls:
-                _wait_for(url)
-            pids = [server.pid for server in started]
-            return [_measure(urls, pids, count, seconds, speech, processes) for count in counts]
+            url = f"http://127.0.0.1:{port}"
+            _wait_for(url, workers or 1)
+            pids = {"front door" if workers else "server": server.pid}
+            for i, child in enumerate(_children(server.pid)):
+                pids[f"worker {i}"] = child
+            return [_measure(url, pids, count, seconds, speech, processes) for count in counts]
         finally:
-            for server in started:
-                server.terminate()
-                server.wait(timeout=10)
+            server.terminate()
+            server.wait(timeout=30)
 
 
-def _wait_for(url: str) -> None:
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def _wait_for(url: str, workers: int) -> None:
     import urllib.request
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while True:
         try:
-            urllib.request.urlopen(f"{url}/api/health", timeout=2)
-            return
+            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+                if len(json.load(response)["workers"]) == workers:
+                    return
+            time.sleep(0.5)
         except OSError:
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start") from None
@@ -383,20 +395,24 @@ def markdown(report: dict) -> str:
         return "\n".join(lines) + "\n"
     lines += [
         "",
-        "| sessions | servers | server CPU | by thread | peers' CPU | GPU busy "
+        "| sessions | workers | server CPU | by process | by thread | peers' CPU | GPU busy "
         "| delivered fps (min) "
         "| generated fps (min-max) | lag p50 ms (median) | lag p95 ms (max) | dropped (max) "
         "| longest repeat run (max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["sessions"]:
         per = run["per_session"]
         threads = ", ".join(f"{k} {v}%" for k, v in run["server_cpu_by_thread_percent"].items())
+        by_process = ", ".join(
+            f"{k} {v}%" for k, v in run.get("server_cpu_by_process_percent", {}).items()
+        )
         gpu = run["gpu_utilisation_percent"]
         generated = [s["generated_fps"] for s in per]
         late = " (peers connected late)" if run["peers_connected_late"] else ""
         lines.append(
-            f"| {run['sessions']}{late} | {run['servers']} | {run['server_cpu_percent']}% "
+            f"| {run['sessions']}{late} | {run.get('workers', 0) or '-'} "
+            f"| {run['server_cpu_percent']}% | {by_process or '-'} "
             f"| {threads} | {run.get('peers_cpu_percent', '-')}% "
             f"| {'-' if gpu is None else f'{gpu}%'} "
             f"| {min(s['delivered_fps'] for s in per)} | {min(generated)}-{max(generated)} "
@@ -420,7 +436,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--peer-processes", type=int, default=1)
     parser.add_argument("--delay", type=float, help="the server's delay (default: its own)")
-    parser.add_argument("--servers", type=int, default=1, help="server processes on the device")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="serve with a front door and this many worker processes (default: one process)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     batches = GPU_BATCHES if args.device == "cuda" else []
@@ -436,7 +456,7 @@ def main() -> None:
         }
         report["sessions"] = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
-            args.peer_processes, args.delay, args.servers, args.out / "server.log",
+            args.peer_processes, args.delay, args.workers, args.out / "server.log",
         ) if args.sessions else []  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +22,10 @@ from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from rtc_server.avatars import Avatar
+from rtc_server.metrics import MediaMetrics
 from rtc_server.scheduler import HEADROOM, InferenceScheduler
-from rtc_server.session import Photo, Session, SessionOptions
+from rtc_server.session import Session, SessionOptions
 from wav2lip.engine import MouthEngine
 from wav2lip.threads import name_this_thread
 
@@ -32,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class SessionsFull(Exception):
-    """At the session limit, or at what the device can do; try again later."""
+    """No session can start here now; try again later. `reason`: "full" (`max_sessions`),
+    "capacity" (what the device does) or "draining" (the worker is shutting down)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class MediaFailed(Exception):
@@ -87,11 +93,17 @@ class SessionManager:
         engine: MouthEngine,
         options: ManagerOptions,
         rtc_configuration: Callable[[], RTCConfiguration],
+        metrics: MediaMetrics,
     ) -> None:
         self.engine = engine
         self.options = options
-        self.scheduler = InferenceScheduler(engine, options.max_batch, self._engine_failed)
+        self.metrics = metrics
+        self.scheduler = InferenceScheduler(
+            engine, options.max_batch, self._engine_failed, metrics.batch_seconds.observe
+        )
         self._rtc_configuration = rtc_configuration
+        self.draining = False  # set on SIGTERM: live sessions go on, no new one starts
+        self.on_change: Callable[[], None] | None = None  # told when a session starts or ends
         self.sessions: dict[str, Session] = {}
         self._sinks: dict[str, MediaBlackhole] = {}
         self._starting = 0  # offers between the limit check and their session's creation
@@ -117,22 +129,11 @@ class SessionManager:
         device = math.floor(HEADROOM * self.scheduler.device_fps / self.options.min_fps)
         return min(self.options.max_sessions, device)
 
-    def health(self) -> dict[str, object]:
-        """The media side's state, for /api/health."""
-        capacity = self.capacity()
-        state: dict[str, object] = {
-            "status": "degraded" if self.scheduler.failure else "ok",
-            "engine": self.engine.name,
-            "sessions": len(self.sessions),
-            "max_sessions": self.options.max_sessions,
-            "capacity": capacity,
-            "headroom": max(0, capacity - len(self.sessions) - self._starting),
-            "device_fps": round(self.scheduler.device_fps, 1),
-            "min_fps": self.options.min_fps,
-        }
-        if self.scheduler.failure:
-            state["reason"] = self.scheduler.failure
-        return state
+    def headroom(self) -> int:
+        """How many more sessions would be taken now."""
+        if self.draining or self.scheduler.failure:
+            return 0
+        return max(0, self.capacity() - len(self.sessions) - self._starting)
 
     def _engine_failed(self, reason: str) -> None:
         log.error("engine failed for good: %s; ending every session", reason)
@@ -144,31 +145,26 @@ class SessionManager:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
         await asyncio.to_thread(self.scheduler.stop)
 
-    async def create(self, sdp: str, photo: Photo) -> tuple[Session, str]:
-        """Answer an offer: returns the new session and the answer's SDP."""
-        if self.scheduler.failure is not None:
-            raise MediaFailed(f"the server's engine has failed ({self.scheduler.failure})")
+    async def create(self, session_id: str, sdp: str, avatar: Avatar) -> str:
+        """Answer an offer with a new session of this id; returns the answer's SDP."""
+        try:
+            self._admit()
+        except (SessionsFull, MediaFailed) as exc:
+            reason = exc.reason if isinstance(exc, SessionsFull) else "degraded"
+            self.metrics.sessions_refused.labels(reason).inc()
+            raise
         # The slot is taken before the first await: concurrent offers cannot overshoot.
-        taken = len(self.sessions) + self._starting
-        if taken >= self.options.max_sessions:
-            raise SessionsFull(f"all {self.options.max_sessions} sessions are in use")
-        if taken >= self.capacity():
-            raise SessionsFull(
-                f"the device makes {self.scheduler.device_fps:.0f} frames a second, enough for "
-                f"{self.capacity()} session(s) at {self.options.min_fps:g} inferred fps each, "
-                "and all are in use"
-            )
         self._starting += 1
         try:
             send_audio = _accepts_audio(sdp)
-            face = await asyncio.to_thread(self.engine.prepare, photo.face_input)
+            face = await asyncio.to_thread(self.engine.prepare, avatar.face_input)
         finally:
             self._starting -= 1
         pc = RTCPeerConnection(self._rtc_configuration())
         session = Session(
-            uuid.uuid4().hex,
+            session_id,
             pc,
-            photo,
+            avatar,
             face,
             self.scheduler,
             SessionOptions(
@@ -179,6 +175,7 @@ class SessionManager:
                 peer_timeout=self.options.peer_timeout,
             ),
             self._forget,
+            self.metrics,
         )
         self.sessions[session.id] = session
         try:
@@ -186,8 +183,32 @@ class SessionManager:
         except Exception:
             await session.close()
             raise
+        self.metrics.sessions_started.inc()
+        self._changed()
         log.info("session %s started (%d live)", session.id, len(self.sessions))
-        return session, answer
+        return answer
+
+    def _changed(self) -> None:
+        self.metrics.sessions_live.set(len(self.sessions))
+        if self.on_change is not None:
+            self.on_change()
+
+    def _admit(self) -> None:
+        """SessionsFull or MediaFailed unless one more session may start now."""
+        if self.scheduler.failure is not None:
+            raise MediaFailed(f"the server's engine has failed ({self.scheduler.failure})")
+        if self.draining:
+            raise SessionsFull("draining", "this worker is shutting down")
+        taken = len(self.sessions) + self._starting
+        if taken >= self.options.max_sessions:
+            raise SessionsFull("full", f"all {self.options.max_sessions} sessions are in use")
+        if taken >= self.capacity():
+            raise SessionsFull(
+                "capacity",
+                f"the device makes {self.scheduler.device_fps:.0f} frames a second, enough for "
+                f"{self.capacity()} session(s) at {self.options.min_fps:g} inferred fps each, "
+                "and all are in use",
+            )
 
     async def _negotiate(self, pc: RTCPeerConnection, session: Session, sdp: str) -> str:
         sink = MediaBlackhole()  # drains any track we do not use (a camera, say)
@@ -232,6 +253,7 @@ class SessionManager:
 
     async def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self._changed()
         sink = self._sinks.pop(session.id, None)
         if sink is not None:
             await sink.stop()

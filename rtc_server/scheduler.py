@@ -122,9 +122,11 @@ class InferenceScheduler:
         engine: MouthEngine,
         max_batch: int = 4,
         on_failure: Callable[[str], None] | None = None,
+        on_batch: Callable[[float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self._on_batch = on_batch  # told each batch's inference seconds (on this thread)
         self.failure: str | None = None  # why the engine failed for good, once it has
         self._on_failure = on_failure  # called on the event loop with that reason
         self._warm: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -330,7 +332,10 @@ class InferenceScheduler:
         started = time.monotonic()
         faces = [job.face for job in batch]
         mouths = self.engine.infer(faces, np.stack([job.mel for job in batch]))
-        infer_seconds = (time.monotonic() - started) / len(batch)
+        batch_seconds = time.monotonic() - started
+        if self._on_batch is not None:
+            self._on_batch(batch_seconds)
+        infer_seconds = batch_seconds / len(batch)
         frames = list(self._composers.map(_compose, batch, mouths))
         per_frame = (time.monotonic() - started) / len(batch)
         if len(batch) == self.max_batch:

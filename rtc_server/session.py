@@ -26,7 +26,9 @@ import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamTrack
 
+from rtc_server.avatars import Avatar
 from rtc_server.clock import VIDEO_FRAME_SECONDS, SessionClock
+from rtc_server.metrics import MediaMetrics
 from rtc_server.microphone import Microphone
 from rtc_server.scheduler import InferenceScheduler
 from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
@@ -40,7 +42,6 @@ from wav2lip.audio import (
     window_start,
 )
 from wav2lip.blend import Blender
-from wav2lip.faces import FaceBox
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,6 @@ class SessionOptions:
     peer_timeout: float  # seconds without any packet from the peer before it counts as gone
 
 
-@dataclass(frozen=True)
-class Photo:
-    """What a session shows: the video-sized photo, its face box and the model input."""
-
-    image: np.ndarray
-    box: FaceBox
-    face_input: np.ndarray
-
-
 class Session:
     """Owns everything one peer uses; `close` frees all of it."""
 
@@ -82,11 +74,12 @@ class Session:
         self,
         session_id: str,
         pc: RTCPeerConnection,
-        photo: Photo,
+        photo: Avatar,
         face: Any,
         scheduler: InferenceScheduler,
         options: SessionOptions,
         on_closed: Callable[[Session], Awaitable[None]],
+        metrics: MediaMetrics,
     ) -> None:
         self.id = session_id
         self.pc = pc
@@ -95,6 +88,7 @@ class Session:
         self.face = face
         self.closed = False
         self._photo = photo
+        self._metrics = metrics
         self._scheduler = scheduler
         self._on_closed = on_closed
         self._blender = Blender(photo.box, photo.image.shape)
@@ -107,6 +101,7 @@ class Session:
         self._ready: dict[int, av.VideoFrame] = {}
         self._sent_upto = 0  # frames below this were sent already; late results are dropped
         self._last_frame = self._to_video_frame(photo.image)
+        self._shown_arrival: float | None = None  # when the shown mouth's audio arrived
         self._audio_event = asyncio.Event()
         # (end sample, arrival time) of recent microphone frames, for measuring lag.
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=500)
@@ -296,6 +291,8 @@ class Session:
         for stale in [k for k in self._ready if k < index]:
             del self._ready[stale]
         self._sent_upto = index + 1
+        arrival = self._arrival_of(index * SAMPLES_PER_VIDEO_FRAME)
+        fresh = frame is not None
         if frame is None:
             self.repeated += 1
             self._repeat_run += 1
@@ -304,8 +301,13 @@ class Session:
         else:
             self._repeat_run = 0
             self._last_frame = frame
+            self._shown_arrival = arrival
         self.delivered += 1
-        self._lags.append(sent_at - self._arrival_of(index * SAMPLES_PER_VIDEO_FRAME))
+        self._lags.append(sent_at - arrival)
+        # The mouth on screen stands for the audio of the last fresh frame: a repeat shows an
+        # older mouth, 40 ms older for each frame it lags behind.
+        if self._shown_arrival is not None:
+            self._metrics.frame_sent(fresh, sent_at - self._shown_arrival)
         self._apply_bitrate()
         return frame
 

@@ -1,8 +1,7 @@
-"""The aiohttp application: health, ICE servers, avatars, tokens, and where sessions plug in.
+"""The front door's aiohttp application: the page, health, ICE servers, avatars, tokens, sessions.
 
 Each part keeps its routes in its own `web.RouteTableDef` and finds shared state on the app
-through typed keys: `CONFIG`, `AVATARS` and `MEDIA_HEALTH`. The session part passes its routes
-and its health to `create_app`, and adds its own startup and cleanup hooks to the app it returns.
+through typed keys: `CONFIG`, `CLUSTER` (the media workers), `AVATARS` and `METRICS`.
 
 Every request passes, in order: the guard (Host and Origin, CORS), the error middleware (any
 failure becomes a JSON error), and, when the server has an API key, authentication.
@@ -10,103 +9,84 @@ failure becomes a JSON error), and, when the server has an API key, authenticati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from aiortc.rtcicetransport import connection_kwargs
+from prometheus_client import CollectorRegistry
 
-from signaling import auth, avatars
-from signaling.avatars import AVATARS, AvatarStore
+from signaling import auth, avatars, sessions
+from signaling.avatars import AVATARS, Avatars, PhotoStore
 from signaling.bodies import JSON_LIMIT
+from signaling.cluster import Cluster, summarize
 from signaling.config import CONFIG, ServerConfig
 from signaling.errors import error_middleware
 from signaling.guard import Guard
-from signaling.ice import ice_servers, rtc_configuration
-
-# The media side's state for /api/health: {"status": "ok" or "degraded", "reason"?, "engine",
-# "sessions", "max_sessions", "capacity", "headroom", ...}.
-MediaHealth = Callable[[], dict[str, object]]
-MEDIA_HEALTH = web.AppKey[MediaHealth]("media_health")
+from signaling.ice import ice_servers
+from signaling.metrics import CONTENT_TYPE, METRICS, FrontDoorMetrics
+from signaling.sessions import CLUSTER
 
 routes = web.RouteTableDef()
 page_routes = web.RouteTableDef()
 
 
-def _no_media() -> dict[str, object]:
-    return {"status": "ok", "engine": None, "sessions": 0}
-
-
 def create_app(
     config: ServerConfig,
-    *,
-    media_health: MediaHealth = _no_media,
-    session_routes: Iterable[web.AbstractRouteDef] = (),
+    cluster: Cluster,
+    photos: PhotoStore,
+    metrics: Iterable[CollectorRegistry] = (),
 ) -> web.Application:
     """The application, not yet started: `signaling.runner.run` or aiohttp's test server
-    start it.
-
-    `media_health` gives the media side's state whenever health is asked; `session_routes`
-    (e.g. a RouteTableDef) are added beside the routes here and see the same checks.
-    """
+    start it (and with it the cluster's watch on its workers). `metrics` are registries
+    served at /metrics beside the front door's own (a worker's, in one process)."""
     middlewares: list[Middleware] = [Guard(config).middleware, error_middleware]
     if config.api_key is not None:
         middlewares.append(auth.auth_middleware(config.api_key))
     # Bodies the handlers read whole are small; uploads raise this limit for themselves.
     app = web.Application(middlewares=middlewares, client_max_size=JSON_LIMIT)
     app[CONFIG] = config
-    app[MEDIA_HEALTH] = media_health
-    app[AVATARS] = AvatarStore(config)
-    app.on_startup.append(_start_avatars)
-    app.on_cleanup.append(_close_avatars)
-    app.add_routes(routes)
-    app.add_routes(page_routes)
-    app.add_routes(avatars.routes)
-    app.add_routes(auth.routes)
-    app.add_routes(session_routes)
+    app[CLUSTER] = cluster
+    app[AVATARS] = Avatars(photos, cluster, config.max_concurrent_uploads)
+    app[METRICS] = FrontDoorMetrics(metrics)
+    app.on_startup.append(_start_cluster)
+    app.on_cleanup.append(_stop_cluster)
+    for table in (routes, page_routes, avatars.routes, auth.routes, sessions.routes):
+        app.add_routes(table)
     return app
 
 
-async def _start_avatars(app: web.Application) -> None:
-    await app[AVATARS].start()
+async def _start_cluster(app: web.Application) -> None:
+    await app[CLUSTER].start()
 
 
-async def _close_avatars(app: web.Application) -> None:
-    app[AVATARS].close()
-
-
-def _server_ice(config: ServerConfig) -> dict[str, str | None]:
-    """The one STUN and one TURN server aiortc will really use, asked of aiortc itself."""
-    used: dict[str, Any] = connection_kwargs(rtc_configuration(config).iceServers or [])
-    turn = None
-    if "turn_server" in used:
-        host, port = used["turn_server"]
-        scheme = "turns" if used["turn_ssl"] else "turn"
-        turn = f"{scheme}:{host}:{port}?transport={used['turn_transport']}"
-    stun = "stun:{}:{}".format(*used["stun_server"]) if "stun_server" in used else None
-    return {"stun": stun, "turn": turn}
+async def _stop_cluster(app: web.Application) -> None:
+    await app[CLUSTER].stop()
 
 
 @routes.get("/api/health")
 async def health(request: web.Request) -> web.Response:
-    """200 while sessions can be served, 503 with the reason once the media side has failed:
+    """200 while sessions can be served, 503 with the reason when no worker can serve them:
     what a load balancer or an orchestrator's probe needs."""
     app = request.app
     config = app[CONFIG]
-    media = app[MEDIA_HEALTH]()
+    summary = summarize(await app[CLUSTER].workers())
     return web.json_response(
         {
-            **media,
-            "avatars": len(app[AVATARS]),
+            **summary,
+            "avatars": await app[AVATARS].store.count(),
             "auth": "key" if config.api_key else "open",
-            # aiortc uses only the first STUN and the first usable TURN URL; browsers use all.
-            "server_ice": _server_ice(config),
         },
-        status=200 if media["status"] == "ok" else 503,
+        status=200 if summary["status"] == "ok" else 503,
         headers={"Cache-Control": "no-store"},
     )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    workers = await request.app[CLUSTER].workers()
+    request.app[METRICS].count_workers(str(w["state"]) for w in workers)
+    return web.Response(body=request.app[METRICS].text(), headers={"Content-Type": CONTENT_TYPE})
 
 
 @routes.get("/api/ice-servers")

@@ -1,196 +1,136 @@
-"""Avatars: the photos that sessions animate, checked, fitted to the video size and analysed once.
+"""Avatars at the front door: photos uploaded, stored once by their content, analysed by a worker.
 
-A photo is untrusted input. Its type is decided by its bytes (Pillow, limited to JPEG, PNG and
-WebP), never by the label the client put on it; its pixel count is read from the header and
-refused above a limit before anything is decoded, so a small file claiming huge dimensions (a
-decompression bomb) costs nothing. Decoding and face detection take up to a second, so they run
-on a worker thread, never on the event loop.
+A photo is untrusted input, and its checking (type by its bytes, pixel count before decoding,
+the face) happens on a media worker, which has the face detector. The front door bounds what
+reaches it: the upload's size, its time, and how many uploads are in flight
+(`max_concurrent_uploads`; more wait briefly, then get 503), with each body waiting in a
+temporary file past its first megabyte rather than in memory.
+
+A photo's id is a hash of its bytes, so one photo is stored and analysed once however often it
+is uploaded, and any front door or worker knows it by the same name. The store keeps the photo
+(sent to a worker that has not analysed it yet), what the analysis found and the preview.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import importlib.resources
+import hashlib
 import io
 import logging
-import secrets
 import tempfile
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
-import cv2
-import numpy as np
 from aiohttp import web
-from PIL import Image, ImageOps
 
 from signaling.bodies import deadline, receive, too_large
-from signaling.config import CONFIG, ServerConfig
+from signaling.cluster import Analysis, Cluster
+from signaling.config import CONFIG
 from signaling.errors import ApiError
-from wav2lip.faces import FaceBox, NoFaceError, find_face, model_input
-from wav2lip.weights import DETECTOR, find_cached
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ID = "default"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
-PIL_FORMATS = ("JPEG", "PNG", "WEBP")
-# Below this the face would be a few pixels tall: nothing worth animating.
-MIN_SIDE = 64
+OCTET_STREAM = "application/octet-stream"
 # Room for the boundaries and part headers of a multipart form around the photo itself.
 MULTIPART_OVERHEAD = 64 * 1024
-# The part of an upload kept in memory while it waits to be decoded; the rest is on disk.
+# The part of an upload kept in memory while it arrives; the rest is on disk.
 SPOOL_BYTES = 1024 * 1024
 # How long an upload waits for one of the `max_concurrent_uploads` slots before a 503.
 UPLOAD_WAIT = 5.0
-
-OCTET_STREAM = "application/octet-stream"
-
-FaceFinder = Callable[[np.ndarray], FaceBox]
+# How long a stored photo lasts without being used, and how many bytes of photos the
+# in-memory store keeps.
+PHOTO_TTL = 24 * 3600
+MEMORY_PHOTO_BYTES = 256 * 1024 * 1024
 
 routes = web.RouteTableDef()
 
 
-@dataclass(frozen=True, eq=False)
-class Avatar:
-    """A photo ready for sessions. `image` (BGR uint8, even width and height: the video size)
-    and `face_input` are read-only, because every session using this avatar shares them."""
-
-    id: str
-    image: np.ndarray
-    box: FaceBox
-    face_input: np.ndarray
-    preview: bytes  # JPEG of `image` with `box` drawn
-
-    @property
-    def width(self) -> int:
-        return self.image.shape[1]
-
-    @property
-    def height(self) -> int:
-        return self.image.shape[0]
-
-    def to_json(self) -> dict[str, Any]:
-        box = [self.box.x1, self.box.y1, self.box.x2, self.box.y2]
-        return {"id": self.id, "width": self.width, "height": self.height, "face": {"box": box}}
+def photo_id(photo: bytes) -> str:
+    """A photo's name: a hash of its bytes (so any front door or worker gives the same)."""
+    return hashlib.sha256(photo).hexdigest()[:32]
 
 
-def decode_photo(source: bytes | IO[bytes], max_pixels: int) -> np.ndarray:
-    """The photo as BGR uint8, upright as its EXIF says, transparency flattened onto white."""
-    try:
-        with Image.open(
-            io.BytesIO(source) if isinstance(source, bytes) else source, formats=PIL_FORMATS
-        ) as photo:
-            width, height = photo.size  # from the header; nothing is decoded yet
-            if width * height > max_pixels:
-                raise _too_many_pixels(f"{width}x{height} pixels", max_pixels)
-            upright = ImageOps.exif_transpose(photo)
-    except Image.DecompressionBombError as exc:  # Pillow's own, coarser limit
-        raise _too_many_pixels(str(exc), max_pixels) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ApiError(
-            415,
-            "not_an_image",
-            f"cannot read the upload as a JPEG, PNG or WebP image ({exc}); send a photo file",
-        ) from None
-    if upright.has_transparency_data:
-        white = Image.new("RGBA", upright.size, "white")
-        upright = Image.alpha_composite(white, upright.convert("RGBA"))
-    return cv2.cvtColor(np.asarray(upright.convert("RGB")), cv2.COLOR_RGB2BGR)
+@dataclass(frozen=True)
+class StoredAvatar:
+    info: dict[str, Any]  # {"id", "width", "height", "face": {"box"}}
+    preview: bytes
 
 
-def _too_many_pixels(size: str, max_pixels: int) -> ApiError:
-    return ApiError(
-        400,
-        "too_many_pixels",
-        f"the photo is too large ({size}); at most {max_pixels / 1e6:g} megapixels are "
-        "allowed: scale it down first",
-    )
+class PhotoStore(Protocol):
+    """Where the front door keeps photos and what their analysis found."""
+
+    async def get(self, avatar_id: str) -> StoredAvatar | None: ...
+
+    async def photo(self, avatar_id: str) -> bytes | None: ...
+
+    async def put(self, avatar_id: str, photo: bytes, analysis: Analysis) -> None: ...
+
+    async def count(self) -> int: ...
 
 
-def fit_video(image: np.ndarray, max_width: int, max_height: int) -> np.ndarray:
-    """`image` scaled down (never up) to fit max_width x max_height, keeping its aspect, with
-    even dimensions as video encoders need (an odd last row or column of an unscaled photo is
-    cropped rather than resampling the whole photo)."""
-    height, width = image.shape[:2]
-    scale = min(1.0, max_width / width, max_height / height)
-    out_width, out_height = round(width * scale) // 2 * 2, round(height * scale) // 2 * 2
-    if min(out_width, out_height) < MIN_SIDE:
-        raise ApiError(
-            422,
-            "image_too_small",
-            f"the photo would be {out_width}x{out_height} pixels as video; use one at least "
-            f"{MIN_SIDE} pixels on each side after fitting into {max_width}x{max_height}",
-        )
-    if scale == 1.0:
-        return image[:out_height, :out_width]
-    return cv2.resize(image, (out_width, out_height), interpolation=cv2.INTER_AREA)
+class MemoryPhotos:
+    """Photos in this process's memory: the most recently used, at most `limit` of them and
+    `max_bytes` of photo bytes, each for at most `ttl` seconds without use."""
+
+    def __init__(
+        self, limit: int, max_bytes: int = MEMORY_PHOTO_BYTES, ttl: float = PHOTO_TTL
+    ) -> None:
+        self._limit, self._max_bytes, self._ttl = limit, max_bytes, ttl
+        self._entries: OrderedDict[str, tuple[bytes, StoredAvatar, float]] = OrderedDict()
+
+    def _fresh(self, avatar_id: str) -> tuple[bytes, StoredAvatar, float] | None:
+        entry = self._entries.get(avatar_id)
+        if entry is None:
+            return None
+        if entry[2] < time.monotonic():
+            del self._entries[avatar_id]
+            return None
+        photo, stored, _ = entry
+        self._entries[avatar_id] = (photo, stored, time.monotonic() + self._ttl)
+        self._entries.move_to_end(avatar_id)
+        return self._entries[avatar_id]
+
+    async def get(self, avatar_id: str) -> StoredAvatar | None:
+        entry = self._fresh(avatar_id)
+        return entry[1] if entry is not None else None
+
+    async def photo(self, avatar_id: str) -> bytes | None:
+        entry = self._fresh(avatar_id)
+        return entry[0] if entry is not None else None
+
+    async def put(self, avatar_id: str, photo: bytes, analysis: Analysis) -> None:
+        stored = StoredAvatar(analysis.info, analysis.preview)
+        self._entries[avatar_id] = (photo, stored, time.monotonic() + self._ttl)
+        self._entries.move_to_end(avatar_id)
+        size = sum(len(entry[0]) for entry in self._entries.values())
+        while len(self._entries) > self._limit or size > self._max_bytes:
+            dropped, (photo_bytes, _, _) = self._entries.popitem(last=False)
+            size -= len(photo_bytes)
+            log.info("dropped avatar %s, the least recently used", dropped)
+
+    async def count(self) -> int:
+        return len(self._entries)
 
 
-def preview_jpeg(image: np.ndarray, box: FaceBox) -> bytes:
-    """The video frame with the face box drawn, for the user to check what will be animated."""
-    framed = image.copy()
-    thickness = max(2, round(max(image.shape[:2]) / 400))
-    cv2.rectangle(framed, (box.x1, box.y1), (box.x2 - 1, box.y2 - 1), (0, 255, 0), thickness)
-    ok, encoded = cv2.imencode(".jpg", framed, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise RuntimeError("OpenCV could not encode the preview JPEG")
-    return encoded.tobytes()
+class Avatars:
+    """The front door's avatars: the store, the upload slots, and the workers that analyse."""
 
-
-def make_avatar(
-    avatar_id: str, source: bytes | IO[bytes], config: ServerConfig, find: FaceFinder
-) -> Avatar:
-    """Decode, fit and analyse a photo. Blocking: call it on a worker thread."""
-    image = decode_photo(source, config.max_pixels)
-    image = np.ascontiguousarray(fit_video(image, config.video_max_width, config.video_max_height))
-    try:
-        box = find(image)
-    except NoFaceError:
-        raise ApiError(
-            422,
-            "no_face",
-            "no face found in the photo: use a well-lit photo of one person looking at the "
-            "camera, with the face at least 80 pixels tall",
-        ) from None
-    face_input = model_input(image, box)
-    image.flags.writeable = face_input.flags.writeable = False
-    return Avatar(avatar_id, image, box, face_input, preview_jpeg(image, box))
-
-
-class AvatarStore:
-    """The avatars this server knows, in memory.
-
-    At most `config.avatar_limit` uploaded avatars are kept (about 3 MB each at 720p); adding
-    one more drops the least recently used, where creating one and looking it up (to preview
-    it or start a session) count as use. Memory stays bounded however many photos are
-    uploaded, while avatars people are using stay. A session holds its own reference to its
-    Avatar, so dropping one never disturbs a running session; only a new session or preview
-    of it needs the photo uploaded again. The default avatar is not counted and never dropped.
-
-    Photos are processed one at a time on a dedicated thread: the face detectors are shared
-    and not known to be thread-safe, one decoded 40 MP photo alone takes 120 MB, and a burst of
-    uploads should queue rather than take every core from the sessions' rendering. Uploads
-    in flight, received or waiting for that thread, are bounded too (`upload_slot`): thirty
-    concurrent 9 MB uploads once took the server from 0.5 to 1.24 GB.
-    """
-
-    def __init__(self, config: ServerConfig) -> None:
-        self._config = config
-        self._avatars: OrderedDict[str, Avatar] = OrderedDict()
-        self._default: Avatar | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="avatars")
-        self._find: FaceFinder | None = None
-        self._uploads = asyncio.Semaphore(config.max_concurrent_uploads)
+    def __init__(self, store: PhotoStore, cluster: Cluster, max_uploads: int) -> None:
+        self.store = store
+        self._cluster = cluster
+        self._uploads = asyncio.Semaphore(max_uploads)
+        self._default: StoredAvatar | None = None
 
     @contextlib.asynccontextmanager
     async def upload_slot(self) -> AsyncIterator[None]:
-        """One of the `max_concurrent_uploads` slots, waited for UPLOAD_WAIT seconds at most;
-        503 with Retry-After if none comes free."""
+        """One of the upload slots, waited for UPLOAD_WAIT seconds at most; 503 with
+        Retry-After if none comes free."""
         try:
             async with asyncio.timeout(UPLOAD_WAIT):
                 await self._uploads.acquire()
@@ -206,66 +146,51 @@ class AvatarStore:
         finally:
             self._uploads.release()
 
-    async def start(self) -> None:
-        """Choose the face detector (S3FD if its weights are cached, else dlib) and prepare
-        the default avatar, which also loads the detector before the first upload."""
-        loop = asyncio.get_running_loop()
-        s3fd = await loop.run_in_executor(self._executor, find_cached, DETECTOR, self._config.cache)
-        self._find = functools.partial(find_face, s3fd_path=s3fd)
-        self._default = await self._make(DEFAULT_ID, _default_photo())
-        log.info("face detection with %s; default avatar ready", "S3FD" if s3fd else "dlib")
+    async def create(self, photo: bytes) -> StoredAvatar:
+        """The avatar of an uploaded photo: stored already, or analysed by a worker now."""
+        avatar_id = photo_id(photo)
+        known = await self.store.get(avatar_id)
+        if known is not None:
+            return known
+        worker = await self._cluster.any_worker()
+        if worker is None:
+            raise _no_workers()
+        analysis = await worker.analyse(avatar_id, photo)
+        await self.store.put(avatar_id, photo, analysis)
+        return StoredAvatar(analysis.info, analysis.preview)
 
-    async def create(self, source: bytes | IO[bytes]) -> Avatar:
-        """A new avatar from an uploaded photo; raises ApiError when the photo is unusable."""
-        avatar = await self._make(secrets.token_urlsafe(9), source)
-        self._avatars[avatar.id] = avatar
-        while len(self._avatars) > self._config.avatar_limit:
-            dropped, _ = self._avatars.popitem(last=False)
-            log.info("dropped avatar %s, the least recently used", dropped)
-        return avatar
-
-    def get(self, avatar_id: str) -> Avatar | None:
-        """The avatar, marked as just used, or None if unknown or dropped."""
-        if avatar_id == DEFAULT_ID:
-            return self._default
-        avatar = self._avatars.get(avatar_id)
-        if avatar is not None:
-            self._avatars.move_to_end(avatar_id)
-        return avatar
-
-    def __len__(self) -> int:
-        return len(self._avatars) + (self._default is not None)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _make(self, avatar_id: str, source: bytes | IO[bytes]) -> Avatar:
-        if self._find is None:
-            raise RuntimeError("AvatarStore.start() has not run")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, make_avatar, avatar_id, source, self._config, self._find
-        )
+    async def get(self, avatar_id: str) -> StoredAvatar | None:
+        """A stored avatar, or the default one (as any worker describes it)."""
+        if avatar_id != DEFAULT_ID:
+            return await self.store.get(avatar_id)
+        if self._default is None:
+            worker = await self._cluster.any_worker()
+            described = await worker.describe(DEFAULT_ID) if worker is not None else None
+            if described is None:
+                raise _no_workers()
+            self._default = StoredAvatar(described.info, described.preview)
+        return self._default
 
 
-def _default_photo() -> bytes:
-    """scikit-image's public-domain astronaut portrait, read from the installed package."""
-    return (importlib.resources.files("skimage.data") / "astronaut.png").read_bytes()
+def _no_workers() -> ApiError:
+    return ApiError(
+        503, "no_workers", "no media worker is running; try again shortly", {"Retry-After": "5"}
+    )
 
 
 # The application's avatars, for handlers: `request.app[AVATARS]`.
-AVATARS = web.AppKey("avatars", AvatarStore)
+AVATARS = web.AppKey("avatars", Avatars)
 
 
-def _lookup(request: web.Request) -> Avatar:
+async def _lookup(request: web.Request) -> StoredAvatar:
     avatar_id = request.match_info["avatar_id"]
-    avatar = request.app[AVATARS].get(avatar_id)
+    avatar = await request.app[AVATARS].get(avatar_id)
     if avatar is None:
         raise ApiError(
             404,
             "avatar_not_found",
             f"no avatar {avatar_id!r}: upload the photo again with POST /api/avatars "
-            "(avatars live in memory: a restart or many newer uploads drop them)",
+            "(unused photos expire, and the oldest are dropped when many more come)",
         )
     return avatar
 
@@ -315,32 +240,29 @@ async def _read_upload(
 
 @routes.post("/api/avatars")
 async def create_avatar(request: web.Request) -> web.Response:
-    config, store = request.app[CONFIG], request.app[AVATARS]
-    # Past SPOOL_BYTES a photo waits for its decoding in a temporary file, not in memory.
-    async with store.upload_slot():
+    config, avatars = request.app[CONFIG], request.app[AVATARS]
+    async with avatars.upload_slot():
         with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
             source = await _read_upload(
                 request, cast(IO[bytes], spool), config.max_upload_bytes, config.request_timeout
             )
-            try:
-                avatar = await store.create(source)
-            finally:
-                source.close()
-    log.info("avatar %s: %dx%d, face %s", avatar.id, avatar.width, avatar.height, avatar.box)
-    return web.json_response(
-        avatar.to_json(), status=201, headers={"Location": f"/api/avatars/{avatar.id}"}
-    )
+            with source:
+                photo = source.read()
+        avatar = await avatars.create(photo)
+    info = avatar.info
+    log.info("avatar %s: %dx%d, face %s", info["id"], info["width"], info["height"], info["face"])
+    return web.json_response(info, status=201, headers={"Location": f"/api/avatars/{info['id']}"})
 
 
 @routes.get("/api/avatars/{avatar_id}")
 async def get_avatar(request: web.Request) -> web.Response:
-    return web.json_response(_lookup(request).to_json())
+    return web.json_response((await _lookup(request)).info)
 
 
 @routes.get("/api/avatars/{avatar_id}/preview")
 async def get_preview(request: web.Request) -> web.Response:
     return web.Response(
-        body=_lookup(request).preview,
+        body=(await _lookup(request)).preview,
         content_type="image/jpeg",
         headers={"Cache-Control": "private, max-age=3600"},
     )

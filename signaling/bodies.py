@@ -85,9 +85,11 @@ async def read_json(request: web.Request, timeout: float, limit: int = JSON_LIMI
         raise ApiError(400, "bad_json", f"the body is not valid JSON ({exc})") from None
 
 
-async def read_json_object(request: web.Request, timeout: float, shape: str) -> dict[str, Any]:
+async def read_json_object(
+    request: web.Request, timeout: float, shape: str, limit: int = JSON_LIMIT
+) -> dict[str, Any]:
     """`read_json`, which must give an object; `shape` tells the client what belongs in it."""
-    body = await read_json(request, timeout)
+    body = await read_json(request, timeout, limit)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", f"the body must be a JSON object: {shape}")
     return body

@@ -1,4 +1,5 @@
-"""The `lipsync` command: serve, render and manage weights.
+"""The `lipsync` command: serve (one process, or a front door with workers), gateway, worker,
+render and manage weights.
 
 Argument parsing lives here and only here; each subcommand calls into the library.
 """
@@ -10,13 +11,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from signaling.config import ServerConfig
 
-# Where the API key may come from instead of --api-key, which a process list would show.
+# Where the API key and the cluster secret may come from instead of their flags, which a
+# process list would show.
 API_KEY_VARIABLE = "LIPSYNC_API_KEY"
+SECRET_VARIABLE = "LIPSYNC_CLUSTER_SECRET"
+CACHE_HELP = "weights cache folder (default: $LIPSYNC_CACHE or ~/.cache/lipsync)"
 TRUST_HELP = (
     "load TorchScript checkpoints (.pt archives), which run code from the file: only for a "
     "file you trust"
@@ -73,49 +77,157 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags whose value goes to the ServerConfig field of the same name.
+SAME_NAME = (
+    "host", "port", "max_sessions", "video_bitrate", "turn_secret", "turn_ttl", "tls_cert",
+    "tls_key", "offline", "checkpoint", "cache", "device", "trust_checkpoint", "token_ttl",
+    "request_timeout", "max_concurrent_uploads", "peer_timeout", "min_fps", "shutdown_grace",
+)  # fmt: skip
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The server's settings from `lipsync serve`'s flags (and the API key's variable)."""
+    """The settings from a subcommand's flags (those it has; defaults for the rest), and the
+    API key from its variable when not given as a flag."""
     from signaling.config import ServerConfig
 
-    width, height = args.video_size
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_sessions=args.max_sessions,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        video_max_width=width,
-        video_max_height=height,
-        video_bitrate=args.video_bitrate,
-        ice_servers=tuple(args.ice_server or ()),
-        turn_secret=args.turn_secret,
-        turn_ttl=args.turn_ttl,
-        session_idle_timeout=args.idle_timeout,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        offline=args.offline,
-        checkpoint=args.checkpoint,
-        cache=args.cache,
-        device=args.device,
-        trust_checkpoint=args.trust_checkpoint,
-        allowed_origins=tuple(args.allowed_origin or ()),
-        public_hosts=tuple(args.public_host or ()),
-        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
-        token_ttl=args.token_ttl,
-        request_timeout=args.request_timeout,
-        max_concurrent_uploads=args.max_concurrent_uploads,
-        peer_timeout=args.peer_timeout,
-        min_fps=args.min_fps,
-        shutdown_grace=args.shutdown_grace,
-    )
+    given = vars(args)
+    fields: dict[str, Any] = {name: given[name] for name in SAME_NAME if name in given}
+    if "video_size" in given:
+        fields["video_max_width"], fields["video_max_height"] = args.video_size
+    if "max_upload_mb" in given:
+        fields["max_upload_bytes"] = int(args.max_upload_mb * 1024 * 1024)
+    if "idle_timeout" in given:
+        fields["session_idle_timeout"] = args.idle_timeout
+    for flag, field in (("ice_server", "ice_servers"), ("allowed_origin", "allowed_origins"),
+                        ("public_host", "public_hosts")):  # fmt: skip
+        if flag in given:
+            fields[field] = tuple(given[flag] or ())
+    if "api_key" in given:
+        fields["api_key"] = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    return ServerConfig(**fields)
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def _cluster_secret(args: argparse.Namespace) -> str:
+    secret = args.cluster_secret or os.environ.get(SECRET_VARIABLE)
+    if not secret or len(secret) < 16:
+        raise UsageError(
+            f"a cluster secret of at least 16 characters is needed (--cluster-secret or "
+            f"${SECRET_VARIABLE}), the same for gateways and workers: `openssl rand -hex 32`"
+        )
+    return secret
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
+    config = config_from_args(args)
+    _logging()
+    if args.workers is None:
+        from signaling.server import serve
 
-    from signaling.server import serve
+        return serve(config, delay=args.delay)
+    return _serve_workers(args, config)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return serve(config_from_args(args), delay=args.delay)
+
+def _serve_workers(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`serve --workers N`: the front door here, N worker processes on loopback behind it."""
+    import asyncio
+    import secrets
+
+    from signaling.gateway import (
+        default_workers,
+        serve_local_workers,
+        worker_command,
+        worker_devices,
+    )
+    from signaling.runner import warn_if_open
+
+    count = args.workers or default_workers()
+    warn_if_open(config)
+    ports = [free_port() for _ in range(count)]
+    commands = [
+        worker_command(
+            [
+                *media_flags(args),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                device,
+                "--worker-id",
+                f"local-{i}",
+            ]
+        )
+        for i, (port, device) in enumerate(zip(ports, worker_devices(count, config.device)))
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    secret = secrets.token_hex(32)
+    env = {SECRET_VARIABLE: secret}  # not on the command line, where ps would show it
+    return asyncio.run(serve_local_workers(config, commands, urls, secret, env))
+
+
+def media_flags(args: argparse.Namespace) -> list[str]:
+    """The media flags `serve` was given, for the workers it starts (not --device: each
+    worker gets its own)."""
+    out: list[str] = []
+    for action in args.media_actions:
+        value = getattr(args, action.dest)
+        if value is None or value is False or action.dest == "device":
+            continue
+        flag = action.option_strings[0]
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, list):
+            out += [item for v in value for item in (flag, str(v))]
+        elif action.dest == "video_size":
+            out += [flag, "{}x{}".format(*value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from signaling.gateway import serve_gateway
+    from signaling.runner import warn_if_open
+
+    config = config_from_args(args)
+    secret = _cluster_secret(args)
+    _logging()
+    warn_if_open(config)
+    return asyncio.run(serve_gateway(config, args.redis, secret))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from signaling.server import build_worker, serve_worker
+
+    config = config_from_args(args)
+    secret = _cluster_secret(args)
+    if args.redis and not args.advertise and config.host in ("0.0.0.0", "::", ""):
+        raise UsageError(
+            "--advertise URL is needed with --redis when listening on every address: the URL "
+            "gateways reach this worker at, e.g. http://10.0.0.5:8081"
+        )
+    _logging()
+    app = build_worker(
+        config, secret, delay=args.delay, worker_id=args.worker_id, advertise=args.advertise
+    )
+    return serve_worker(app, config, args.redis, args.dead_after)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -127,9 +239,12 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:
-    from wav2lip.weights import fetch
+    from wav2lip.weights import WeightsError, fetch
 
-    path = fetch(args.name, cache=args.cache, mirrors=args.mirror, progress=not args.quiet)
+    try:
+        path = fetch(args.name, cache=args.cache, mirrors=args.mirror, progress=not args.quiet)
+    except WeightsError as exc:
+        raise UsageError(str(exc)) from None
     print(f"{args.name}: verified at {path}")
     return 0
 
@@ -143,52 +258,45 @@ def _weights_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lipsync", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    cache_help = "weights cache folder (default: $LIPSYNC_CACHE or ~/.cache/lipsync)"
-
-    serve = commands.add_parser("serve", help="run the real-time server")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-sessions", type=int, default=4)
-    serve.add_argument("--checkpoint", type=Path, help="Wav2Lip weights (default: the cache)")
-    serve.add_argument("--cache", type=Path, help=cache_help)
-    serve.add_argument("--offline", action="store_true", help="never download weights at start")
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    serve.add_argument(
-        "--video-size", type=_size, default=(1280, 720), help="largest video size (WxH)"
-    )
-    serve.add_argument("--video-bitrate", type=int, default=1_500_000, help="bits per second")
-    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="photo size limit")
-    serve.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=30.0,
-        help="end a session after this many seconds without microphone media",
-    )
-    serve.add_argument(
-        "--delay", type=float, help="seconds from audio arrival to its frame (default: by engine)"
-    )
-    serve.add_argument(
+def _add_common(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument(
         "--ice-server",
         action="append",
         metavar="URL",
         help="stun:, turn: or turns: URL (repeatable); aiortc itself uses only the first STUN "
         "and the first TURN URL",
     )
-    serve.add_argument("--turn-secret", help="coturn static-auth-secret for TURN credentials")
-    serve.add_argument(
+    parser.add_argument("--turn-secret", help="coturn static-auth-secret for TURN credentials")
+    parser.add_argument(
         "--turn-ttl",
         type=int,
         default=6 * 3600,
         help="TURN login lifetime (s); a session relayed through TURN cannot outlast it",
     )
-    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
-    serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
-    serve.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    access = serve.add_argument_group("who may use the server")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a client has for a request's headers, and again for its body",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds SIGTERM gives sessions and requests before the process exits",
+    )
+
+
+def _add_front_door(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="photo size limit")
+    parser.add_argument(
+        "--max-concurrent-uploads", type=int, default=4, help="photo uploads handled at once"
+    )
+    access = parser.add_argument_group("who may use the server")
     access.add_argument(
         "--api-key",
         help=f"require this key (or a token minted with it) on the API; also ${API_KEY_VARIABLE}",
@@ -207,43 +315,110 @@ def build_parser() -> argparse.ArgumentParser:
         help="a host name the server is reached by, besides localhost and its addresses "
         "(repeatable)",
     )
-    limits = serve.add_argument_group("limits")
-    limits.add_argument(
-        "--request-timeout",
-        type=float,
-        default=15.0,
-        help="seconds a client has for a request's headers, and again for its body",
+
+
+def _add_media(parser: argparse.ArgumentParser) -> None:
+    """The media side's flags; `serve --workers` passes the ones given on to its workers."""
+    media = parser.add_argument_group("the media side")
+    actions = [
+        media.add_argument("--max-sessions", type=int, default=4),
+        media.add_argument(
+            "--min-fps",
+            type=float,
+            default=20.0,
+            help="refuse a new session unless every session could still get this many "
+            "inferred frames a second, as the device was measured (0: only --max-sessions)",
+        ),
+        media.add_argument(
+            "--peer-timeout",
+            type=float,
+            default=10.0,
+            help="end a session after this many seconds without any packet from its peer",
+        ),
+        media.add_argument(
+            "--idle-timeout",
+            type=float,
+            default=30.0,
+            help="end a session after this many seconds without microphone media",
+        ),
+        media.add_argument("--checkpoint", type=Path, help="Wav2Lip weights (default: the cache)"),
+        media.add_argument("--cache", type=Path, help=CACHE_HELP),
+        media.add_argument(
+            "--offline", action="store_true", help="never download weights at start"
+        ),
+        media.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps"),
+        media.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP),
+        media.add_argument(
+            "--video-size", type=_size, default=(1280, 720), help="largest video size (WxH)"
+        ),
+        media.add_argument("--video-bitrate", type=int, default=1_500_000, help="bits per second"),
+        media.add_argument(
+            "--delay",
+            type=float,
+            help="seconds from audio arrival to its frame (default: by engine)",
+        ),
+    ]
+    parser.set_defaults(media_actions=actions)
+
+
+def _add_cluster(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cluster-secret",
+        help=f"shared by gateways and workers; also ${SECRET_VARIABLE} (better: not in ps)",
     )
-    limits.add_argument(
-        "--max-concurrent-uploads", type=int, default=4, help="photo uploads handled at once"
-    )
-    limits.add_argument(
-        "--peer-timeout",
-        type=float,
-        default=10.0,
-        help="end a session after this many seconds without any packet from its peer",
-    )
-    limits.add_argument(
-        "--min-fps",
-        type=float,
-        default=20.0,
-        help="refuse a new session unless every session could still get this many inferred "
-        "frames a second, as the device was measured (0: only --max-sessions)",
-    )
-    limits.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=10.0,
-        help="seconds SIGTERM gives sessions and requests before the process exits",
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the real-time server")
+    _add_common(serve, 8080)
+    _add_front_door(serve)
+    _add_media(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="N",
+        help="run the media side in N worker processes behind this one (no N: as suits the "
+        "machine); without the flag, everything runs in this process",
     )
     serve.set_defaults(run=_serve)
+
+    gateway = commands.add_parser(
+        "gateway", help="a front door for the media workers registered in Redis"
+    )
+    _add_common(gateway, 8080)
+    _add_front_door(gateway)
+    _add_cluster(gateway)
+    gateway.add_argument("--redis", required=True, metavar="URL", help="redis://host:6379/0")
+    gateway.set_defaults(run=_gateway)
+
+    worker = commands.add_parser("worker", help="a media worker, for gateways to place on")
+    _add_common(worker, 8081)
+    _add_media(worker)
+    _add_cluster(worker)
+    worker.add_argument("--redis", metavar="URL", help="register in this Redis")
+    worker.add_argument(
+        "--advertise", metavar="URL", help="where gateways reach this worker's internal API"
+    )
+    worker.add_argument("--worker-id", help="this worker's name (default: host and port)")
+    worker.add_argument(
+        "--dead-after",
+        type=float,
+        default=5.0,
+        help="seconds without a heartbeat (one a second) before gateways count it dead",
+    )
+    worker.set_defaults(run=_worker)
 
     render = commands.add_parser("render", help="render a photo speaking an audio file to MP4")
     render.add_argument("--face", type=Path, required=True, help="photo of a face")
     render.add_argument("--audio", type=Path, required=True, help="any audio PyAV can decode")
     render.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
     render.add_argument("--checkpoint", type=Path, help="Wav2Lip weights (default: the cache)")
-    render.add_argument("--cache", type=Path, help=cache_help)
+    render.add_argument("--cache", type=Path, help=CACHE_HELP)
     render.add_argument("--box", type=_box, help="face box x1,y1,x2,y2 (skips detection)")
     render.add_argument("--blend", choices=("feather", "hard"), default="feather")
     render.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -256,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="download and verify a known model")
     fetch.add_argument("name", nargs="?", default="wav2lip_gan.pth")
-    fetch.add_argument("--cache", type=Path, help=cache_help)
+    fetch.add_argument("--cache", type=Path, help=CACHE_HELP)
     fetch.add_argument(
         "--mirror",
         action="append",
@@ -265,20 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(run=_weights_fetch)
     listing = weights_commands.add_parser("list", help="show known models and the cache")
-    listing.add_argument("--cache", type=Path, help=cache_help)
+    listing.add_argument("--cache", type=Path, help=CACHE_HELP)
     listing.set_defaults(run=_weights_list)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from wav2lip.checkpoint import CheckpointError
-    from wav2lip.faces import NoFaceError
-    from wav2lip.weights import WeightsError
-
+    # The library's errors (bad checkpoint, no face, failed download) are ValueErrors or
+    # OSErrors; they are not imported here, so that `gateway` never loads PyTorch.
     try:
         return int(args.run(args))
-    except (UsageError, CheckpointError, NoFaceError, WeightsError, ValueError, OSError) as exc:
+    except (UsageError, ValueError, OSError) as exc:
         print(f"lipsync: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

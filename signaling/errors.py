@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # Answers after which the rest of the request cannot be trusted to follow: the connection
 # closes instead of reading (or waiting for) a body nobody wants.
 CLOSING_STATUSES = frozenset({408, 413})
+# Paths whose errors are JSON: the public API and the workers' internal one.
+JSON_PATHS = ("/api/", "/internal/")
 
 
 class ApiError(Exception):
@@ -73,11 +75,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.info("client went away during %s %s", request.method, request.path)
         return web.Response(status=400, reason="Client Disconnected")
     except web.HTTPException as exc:
-        if exc.status < 400 or not request.path.startswith("/api/"):
+        if exc.status < 400 or not request.path.startswith(JSON_PATHS):
             raise
         return _from_http_exception(request, exc)
     except Exception:
-        if not request.path.startswith("/api/"):
+        if not request.path.startswith(JSON_PATHS):
             raise
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error_response(

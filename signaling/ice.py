@@ -1,4 +1,4 @@
-"""STUN and TURN servers for ICE, for the browser and for the server's own peer connections.
+"""STUN and TURN servers for ICE, for the browser and for the media workers' peer connections.
 
 TURN logins are minted per request in coturn's REST scheme (`use-auth-secret` with
 `static-auth-secret=SECRET`): the username is `"<expiry unix time>:<name>"` and the password
@@ -10,6 +10,9 @@ skips `turn:` with a transport other than udp or tcp, and `turns:` with one othe
 browser gets the whole list. With no servers configured the list is empty, and the server's peer
 connections get an explicitly empty list: left unset, aiortc would fall back to Google's public
 STUN server.
+
+The front door imports this module, so it does not import aiortc: `rtc_configuration` imports
+it when a worker asks for one.
 """
 
 from __future__ import annotations
@@ -17,20 +20,25 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCConfiguration, RTCIceServer
-from aiortc.rtcicetransport import parse_stun_turn_uri
-
 if TYPE_CHECKING:
+    from aiortc import RTCConfiguration
+
     from signaling.config import ServerConfig
 
 TURN_SCHEMES = ("turn", "turns")
 SCHEMES = ("stun", *TURN_SCHEMES)
 # The `<name>` part of minted TURN usernames; coturn logs it.
 TURN_NAME = "lipsync"
+# What aiortc (and RFC 7064/7065) accept: scheme:host[:port], and ?transport= on TURN only.
+URL_FORMS = {
+    "stun": re.compile(r"stun:[^:?\s]+(:[0-9]+)?", re.IGNORECASE),
+    "turn": re.compile(r"turns?:[^:?\s]+(:[0-9]+)?(\?transport=[a-z]+)?", re.IGNORECASE),
+}
 
 
 def _scheme(url: str) -> str:
@@ -42,13 +50,11 @@ def check_ice_config(urls: Sequence[str], turn_secret: str | None) -> None:
     for url in urls:
         if _scheme(url) not in SCHEMES:
             raise ValueError(f"--ice-server {url!r}: use a stun:, turn: or turns: URL")
-        try:
-            parse_stun_turn_uri(url)
-        except ValueError as exc:
+        if not URL_FORMS[_scheme(url).rstrip("s")].fullmatch(url):
             raise ValueError(
-                f"--ice-server {url!r} is malformed ({exc}); expected e.g. "
+                f"--ice-server {url!r} is malformed; expected e.g. "
                 "stun:stun.example.org:3478 or turn:turn.example.org:3478?transport=udp"
-            ) from None
+            )
     has_turn = any(_scheme(url) in TURN_SCHEMES for url in urls)
     if has_turn and not turn_secret:
         raise ValueError("a turn: or turns: --ice-server needs --turn-secret (coturn's secret)")
@@ -87,6 +93,8 @@ def rtc_configuration(
 ) -> RTCConfiguration:
     """The same servers and fresh credentials for an aiortc RTCPeerConnection (never None:
     aiortc would then use a public STUN server)."""
+    from aiortc import RTCConfiguration, RTCIceServer
+
     return RTCConfiguration(
         iceServers=[
             RTCIceServer(

@@ -1,20 +1,34 @@
-"""Session routes: offer in, answer out; and ending a session."""
+"""Session routes: an offer in, placed on a worker, its answer out; and ending a session.
+
+The front door names each session, reserves a slot for it on the live worker with the most
+headroom, and hands the offer over. The worker answers and runs the media; the browser's
+WebRTC connection goes to the worker directly. A DELETE through any front door finds the
+session's worker and ends it there.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+import uuid
 from typing import Any
 
 from aiohttp import web
 
-from rtc_server.manager import BadOffer, MediaFailed, SessionManager, SessionsFull
-from rtc_server.session import Photo
 from signaling.avatars import AVATARS, DEFAULT_ID
 from signaling.bodies import read_json_object
+from signaling.cluster import AvatarNeeded, Cluster, WorkerUnavailable, summarize
 from signaling.config import CONFIG
 from signaling.errors import ApiError
+from signaling.metrics import METRICS
 
-SESSIONS = web.AppKey("sessions", SessionManager)
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_SECONDS = 10
+# A worker that cannot be reached is skipped, and the offer tried on the next.
+PLACEMENT_TRIES = 3
+
+CLUSTER = web.AppKey("cluster", Cluster)
 
 routes = web.RouteTableDef()
 
@@ -36,44 +50,86 @@ async def _offer(request: web.Request) -> dict[str, Any]:
 async def create_session(request: web.Request) -> web.Response:
     body = await _offer(request)
     avatar_id = body.get("avatar", DEFAULT_ID)
-    avatar = request.app[AVATARS].get(avatar_id)
-    if avatar is None:
+    if await request.app[AVATARS].get(avatar_id) is None:
         raise ApiError(
             404, "avatar_not_found", f"no avatar {avatar_id!r}: upload it with POST /api/avatars"
         )
-    photo = Photo(avatar.image, avatar.box, avatar.face_input)
+    metrics = request.app[METRICS]
+    started = time.monotonic()
     try:
-        session, answer = await request.app[SESSIONS].create(body["sdp"], photo)
-    except (SessionsFull, MediaFailed) as exc:
-        full = isinstance(exc, SessionsFull)
-        raise ApiError(
-            503,
-            "server_full" if full else "degraded",
-            f"{exc}; " + ("try again in a little while" if full else "the server will restart"),
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        ) from None
-    except BadOffer as exc:
-        raise ApiError(400, "bad_offer", str(exc)) from None
-    return web.json_response({"id": session.id, "sdp": answer, "type": "answer"}, status=201)
+        session_id, answer = await _place(request, body["sdp"], avatar_id)
+    except ApiError as exc:
+        metrics.sessions_refused.labels(exc.code).inc()
+        raise
+    metrics.placement_seconds.observe(time.monotonic() - started)
+    metrics.sessions_started.inc()
+    return web.json_response({"id": session_id, "sdp": answer, "type": "answer"}, status=201)
+
+
+async def _place(request: web.Request, sdp: str, avatar_id: str) -> tuple[str, str]:
+    """Reserve a slot, hand the offer to its worker (with the photo if it lacks it); the
+    session's id and the answer."""
+    cluster, metrics = request.app[CLUSTER], request.app[METRICS]
+    session_id = uuid.uuid4().hex
+    for _ in range(PLACEMENT_TRIES):
+        reserved = await cluster.reserve(session_id)
+        if reserved is None:
+            metrics.placements.labels("full").inc()
+            raise await _nowhere(cluster)
+        worker_id, worker = reserved
+        try:
+            try:
+                answer = await worker.create_session(session_id, sdp, avatar_id, None)
+            except AvatarNeeded:
+                photo = await request.app[AVATARS].store.photo(avatar_id)
+                if photo is None:
+                    raise ApiError(
+                        404, "avatar_not_found", f"no avatar {avatar_id!r}: upload it again"
+                    ) from None
+                answer = await worker.create_session(session_id, sdp, avatar_id, photo)
+        except WorkerUnavailable as exc:
+            log.warning("worker %s unreachable (%s); trying another", worker_id, exc)
+            metrics.placements.labels("unreachable").inc()
+            await cluster.release(session_id, worker_id)
+            continue
+        except ApiError as exc:
+            metrics.placements.labels("refused").inc()
+            await cluster.release(session_id, worker_id)
+            if exc.code in ("server_full", "draining"):
+                continue  # it filled up or began draining since it last reported: next one
+            raise
+        metrics.placements.labels("placed").inc()
+        await cluster.placed(session_id, worker_id)
+        log.info("session %s placed on worker %s", session_id, worker_id)
+        return session_id, answer
+    raise ApiError(
+        503,
+        "server_full",
+        "no media worker could take the session; try again in a little while",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _nowhere(cluster: Cluster) -> ApiError:
+    """Why no worker took the session: all full, or none serving (and why not)."""
+    summary = summarize(await cluster.workers())
+    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if summary["status"] == "ok":
+        return ApiError(
+            503, "server_full", "every media worker is full; try again in a little while", retry
+        )
+    code = "degraded" if summary["workers"] else "no_workers"
+    return ApiError(503, code, f"no media worker can take sessions: {summary['reason']}", retry)
 
 
 @routes.delete("/api/sessions/{session_id}")
 async def delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    if not await request.app[SESSIONS].close(session_id):
+    worker = await request.app[CLUSTER].locate(session_id)
+    try:
+        ended = worker is not None and await worker.end_session(session_id)
+    except WorkerUnavailable:
+        ended = False  # its worker is gone, and the session with it
+    if not ended:
         raise ApiError(404, "session_not_found", f"no live session {session_id!r}")
     return web.Response(status=204)
-
-
-def install(app: web.Application, manager: SessionManager) -> None:
-    """Give `app` the session manager and start and stop it with the app."""
-    app[SESSIONS] = manager
-
-    async def start(_: web.Application) -> None:
-        await manager.start()
-
-    async def stop(_: web.Application) -> None:
-        await manager.stop()
-
-    app.on_startup.append(start)
-    app.on_shutdown.append(stop)

@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiohttp import FormData, MultipartWriter, web
+from aiohttp import FormData, MultipartWriter
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image, ImageFile
 
-from signaling.app import create_app
-from signaling.avatars import AVATARS, fit_video
+from rtc_server.avatars import PhotoError, fit_video
+from signaling import sessions
 from signaling.config import ServerConfig
-from signaling.errors import ApiError
+from signaling.server import build_app
+from signaling.worker_api import WORKER
+from wav2lip.animator import Animator
 
 # Tests of the shared server run on its loop.
 shared_server = pytest.mark.asyncio(loop_scope="module")
@@ -35,8 +37,9 @@ PHOTOS = {
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def client(tmp_path_factory: pytest.TempPathFactory):
     # An empty weights cache: faces are found with dlib, whatever this machine has cached.
-    config = ServerConfig(cache=tmp_path_factory.mktemp("cache"))
-    async with TestClient(TestServer(create_app(config), host="127.0.0.1")) as client:
+    config = ServerConfig(offline=True, cache=tmp_path_factory.mktemp("cache"))
+    app = build_app(config, engine=Animator())
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         yield client
 
 
@@ -102,7 +105,9 @@ async def test_upload_raw_body(client: TestClient, faces_dir: Path, name: str) -
     assert again.status == 200 and await again.json() == info
     await check_preview(client, info)
 
-    avatar = client.app[AVATARS].get(info["id"])
+    # The worker that analysed it holds the photo as sessions need it.
+    avatar = client.app[WORKER].avatars.get(info["id"])
+    assert avatar is not None
     assert avatar.image.shape == (info["height"], info["width"], 3)
     assert avatar.image.dtype == np.uint8 and not avatar.image.flags.writeable
     assert avatar.face_input.shape == (6, 96, 96) and avatar.face_input.dtype == np.float32
@@ -119,13 +124,7 @@ async def test_upload_multipart_matches_raw(client: TestClient, faces_dir: Path)
     info = await response.json()
     check_avatar(info)
     raw = await client.post("/api/avatars", data=data, headers={"Content-Type": "image/jpeg"})
-    raw_info = await raw.json()
-    assert info["id"] != raw_info["id"]
-    assert (info["width"], info["height"], info["face"]) == (
-        raw_info["width"],
-        raw_info["height"],
-        raw_info["face"],
-    )
+    assert await raw.json() == info  # the same photo: the same avatar, stored once
     await check_preview(client, info)
 
     # A part without a file name, as `curl -F "image=<photo.jpg"` sends it.
@@ -273,9 +272,10 @@ async def test_still_healthy_after_bad_requests(client: TestClient) -> None:
     assert response.status == 200
     health = await response.json()
     assert health["status"] == "ok"
-    assert (health["engine"], health["sessions"]) == (None, 0)  # no media side plugged in
+    assert (health["engine"], health["sessions"]) == ("animator", 0)
     assert health["avatars"] >= 2
-    assert health["server_ice"] == {"stun": None, "turn": None}
+    (worker,) = health["workers"]
+    assert worker["server_ice"] == {"stun": None, "turn": None}
 
 
 def test_fit_video_scales_down_only_to_even_sizes() -> None:
@@ -285,50 +285,38 @@ def test_fit_video_scales_down_only_to_even_sizes() -> None:
     assert fit_video(wide, 1280, 720).shape == (720, 1280, 3)
     tall = np.zeros((3001, 1000, 3), np.uint8)
     assert fit_video(tall, 1280, 720).shape == (720, 240, 3)
-    with pytest.raises(ApiError):
+    with pytest.raises(PhotoError, match="at least 64 pixels"):
         fit_video(np.zeros((5000, 100, 3), np.uint8), 1280, 720)
 
 
-async def test_session_routes_count_errors_and_eviction(
-    faces_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_bug_is_a_json_500_and_the_oldest_avatars_go(
+    faces_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
-    """What the session part plugs in: its routes, its count; and the avatar limit."""
-    session_routes = web.RouteTableDef()
+    """A bug in a handler is logged and answered as JSON, never taking the server down; and
+    beyond the avatar limit the least recently used photo goes."""
 
-    @session_routes.post("/api/sessions")
-    async def broken(request: web.Request) -> web.Response:
+    async def broken(*_: object) -> None:
         raise RuntimeError("a bug")
 
-    config = ServerConfig(cache=tmp_path, avatar_limit=2, max_sessions=7)
-    media = {"status": "ok", "engine": "animator", "sessions": 3, "max_sessions": 7}
-    app = create_app(config, media_health=lambda: media, session_routes=session_routes)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-        health = await (await client.get("/api/health")).json()
-        assert (health["engine"], health["sessions"], health["max_sessions"]) == ("animator", 3, 7)
-        media["status"], media["reason"] = "degraded", "the engine failed"
-        response = await client.get("/api/health")
-        assert response.status == 503
-        assert (await response.json())["reason"] == "the engine failed"
-        media["status"] = "ok"
-
+    monkeypatch.setattr(sessions, "_place", broken)
+    config = ServerConfig(offline=True, cache=tmp_path, avatar_limit=2)
+    async with TestClient(TestServer(build_app(config, engine=Animator()))) as client:
         with caplog.at_level(logging.ERROR, logger="signaling.errors"):
-            response = await client.post("/api/sessions", json={})
+            response = await client.post("/api/sessions", json={"sdp": "v=0", "type": "offer"})
             await expect_error(response, 500, "internal")
         assert "a bug" in caplog.text
 
-        data = (faces_dir / "lin-manuel-miranda.png").read_bytes()
         ids = []
-        for _ in range(2):
+        for name in ("lin-manuel-miranda.png", "obama.jpg", "biden.jpg"):
             response = await client.post(
-                "/api/avatars", data=data, headers={"Content-Type": "image/png"}
+                "/api/avatars",
+                data=(faces_dir / name).read_bytes(),
+                headers={"Content-Type": PHOTOS[name]},
             )
             ids.append((await response.json())["id"])
-        assert (await client.get(f"/api/avatars/{ids[0]}")).status == 200  # now most recent
-        response = await client.post(
-            "/api/avatars", data=data, headers={"Content-Type": "image/png"}
-        )
-        ids.append((await response.json())["id"])
+            if len(ids) == 2:
+                assert (await client.get(f"/api/avatars/{ids[0]}")).status == 200  # most recent now
         statuses = [(await client.get(f"/api/avatars/{i}")).status for i in ids]
         assert statuses == [200, 404, 200]
         assert (await client.get("/api/avatars/default")).status == 200
-        assert (await (await client.get("/api/health")).json())["avatars"] == 3
+        assert (await (await client.get("/api/health")).json())["avatars"] == 2

@@ -11,10 +11,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from rtc_server.peer import SpeechTrack
+from client.peer import SpeechTrack
 from signaling.config import ServerConfig
-from signaling.server import build_app
-from signaling.sessions import SESSIONS
+from signaling.server import SESSIONS, build_app
 from wav2lip.animator import Animator
 
 
@@ -84,7 +83,7 @@ async def test_bad_session_requests(server) -> None:
         assert payload["error"]["code"] == "server_full"
         async with http.get(server.make_url("/api/health")) as response:
             health = await response.json()
-        assert health["status"] == "ok" and health["sessions"] == 1
+        assert health["status"] == "ok" and health["sessions"] == 1, health
         async with http.delete(server.make_url(f"/api/sessions/{first['id']}")) as response:
             assert response.status == 204
         async with http.get(server.make_url("/api/health")) as response:
@@ -112,7 +111,7 @@ async def test_session_without_media_times_out(server) -> None:
 
 async def test_the_browsers_preferred_codec_is_used(server, faces_dir) -> None:
     """H.264 offered first gets H.264; frames arrive in it."""
-    from rtc_server.peer import LipSyncPeer
+    from client.peer import LipSyncPeer
 
     audio = np.zeros(16000 * 3, np.float32)
     peer = LipSyncPeer(str(server.make_url("/")), audio, receive_audio=False, video_codec="H264")
@@ -129,7 +128,7 @@ async def test_the_browsers_preferred_codec_is_used(server, faces_dir) -> None:
 
 
 async def test_closing_the_connection_ends_the_session(server) -> None:
-    from rtc_server.peer import LipSyncPeer
+    from client.peer import LipSyncPeer
 
     peer = LipSyncPeer(str(server.make_url("/")), np.zeros(16000, np.float32))
     async with aiohttp.ClientSession() as http:

@@ -35,38 +35,53 @@ def _substitute(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?::\?[^}]*)?\}", lambda m: env[m.group(1)], text)
 
 
-def test_compose_runs_the_server_and_coturn_on_one_secret() -> None:
+def test_compose_runs_a_gateway_two_workers_redis_and_coturn() -> None:
     compose = _compose()
-    assert set(compose["services"]) == {"lipsync", "coturn"}
-    server, coturn = compose["services"]["lipsync"], compose["services"]["coturn"]
-    # aiortc's media ports cannot be pinned to a range: host networking for both.
-    assert server["network_mode"] == coturn["network_mode"] == "host"
+    services = compose["services"]
+    assert set(services) == {"redis", "gateway", "worker-1", "worker-2", "coturn"}
+    # aiortc's media ports cannot be pinned to a range: host networking for all.
+    assert {s["network_mode"] for s in services.values()} == {"host"}
+    coturn = services["coturn"]
     assert "--use-auth-secret" in coturn["command"]
     assert "--static-auth-secret=${TURN_SECRET:?set TURN_SECRET}" in coturn["command"]
-    assert "--turn-secret=${TURN_SECRET:?set TURN_SECRET}" in server["command"]
-    # The weights volume is where the image keeps its cache.
-    assert any(v.endswith(":/weights") for v in server["volumes"])
+    secret = "${CLUSTER_SECRET:?set CLUSTER_SECRET}"
+    for name in ("gateway", "worker-1", "worker-2"):
+        service = services[name]
+        assert service["restart"] == "unless-stopped"
+        assert service["environment"]["LIPSYNC_CLUSTER_SECRET"] == secret
+        assert "--turn-secret=${TURN_SECRET:?set TURN_SECRET}" in service["command"]
+        assert "--redis=redis://127.0.0.1:6379/0" in service["command"]
+    assert services["gateway"]["environment"]["LIPSYNC_API_KEY"].startswith("${LIPSYNC_API_KEY")
+    # Only the page and API face the network; Redis and the workers' internal API do not.
+    assert "127.0.0.1" in services["redis"]["command"]
+    for name in ("worker-1", "worker-2"):
+        assert "--host=127.0.0.1" in services[name]["command"]
+        # The weights volume is where the image keeps its cache.
+        assert any(v.endswith(":/weights") for v in services[name]["volumes"])
     assert "ENV LIPSYNC_CACHE=/weights" in (ROOT / "Dockerfile").read_text()
 
 
-def test_compose_command_is_valid_for_lipsync_serve() -> None:
-    env = {"TURN_SECRET": "s3cret", "PUBLIC_HOST": "example.org"}
-    command = [_substitute(arg, env) for arg in _compose()["services"]["lipsync"]["command"]]
-    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", *command])
-    assert args.turn_secret == "s3cret"
-    assert args.ice_server == [
-        "stun:example.org:3478",
-        "turn:example.org:3478?transport=udp",
-    ]
-    from signaling.config import ServerConfig
+def test_compose_commands_are_valid(monkeypatch) -> None:
+    from signaling.cli import config_from_args
 
-    ServerConfig(ice_servers=tuple(args.ice_server), turn_secret=args.turn_secret)  # accepted
+    env = {"TURN_SECRET": "s3cret", "PUBLIC_HOST": "example.org"}
+    services = _compose()["services"]
+    configs = {}
+    for name in ("gateway", "worker-1", "worker-2"):
+        command = [_substitute(arg, env) for arg in services[name]["command"]]
+        args = build_parser().parse_args(command)
+        assert args.redis == "redis://127.0.0.1:6379/0"
+        assert args.ice_server == ["stun:example.org:3478", "turn:example.org:3478?transport=udp"]
+        configs[name] = config_from_args(args)  # accepted
+    assert configs["gateway"].public_hosts == ("example.org",)
+    assert {configs["worker-1"].port, configs["worker-2"].port} == {8081, 8082}
 
 
 def test_dockerfile_pins_torch_before_the_project() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert text.index("torch==2.13.0") < text.index("pip install --no-cache-dir .")
-    assert 'ENTRYPOINT ["lipsync", "serve", "--host", "0.0.0.0"]' in text
+    assert 'ENTRYPOINT ["lipsync"]' in text
+    assert 'CMD ["serve", "--host", "0.0.0.0"]' in text
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:

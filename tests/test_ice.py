@@ -12,9 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCIceGatherer
 
-from signaling.app import create_app
 from signaling.config import ServerConfig
 from signaling.ice import ice_servers, rtc_configuration
+from signaling.server import build_app
+from wav2lip.animator import Animator
 
 SECRET = "coturn-shared-secret"
 URLS = (
@@ -101,8 +102,11 @@ def test_bad_ice_config_is_refused(
 
 
 async def test_ice_servers_endpoint(tmp_path: Path) -> None:
-    config = ServerConfig(cache=tmp_path, ice_servers=URLS, turn_secret=SECRET, turn_ttl=7200)
-    async with TestClient(TestServer(create_app(config), host="127.0.0.1")) as client:
+    config = ServerConfig(
+        offline=True, cache=tmp_path, ice_servers=URLS, turn_secret=SECRET, turn_ttl=7200
+    )
+    app = build_app(config, engine=Animator())
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         response = await client.get("/api/ice-servers")
         assert response.status == 200
         assert response.headers["Cache-Control"] == "no-store"
@@ -111,11 +115,11 @@ async def test_ice_servers_endpoint(tmp_path: Path) -> None:
         check_turn_login(servers[1], 7200, time.time())
 
         health = await (await client.get("/api/health")).json()
-        assert health["server_ice"] == {
+        assert health["workers"][0]["server_ice"] == {
             "stun": "stun:127.0.0.1:3478",
             "turn": "turn:127.0.0.1:3478?transport=udp",
         }
 
-    empty = create_app(ServerConfig(cache=tmp_path))
+    empty = build_app(ServerConfig(offline=True, cache=tmp_path), engine=Animator())
     async with TestClient(TestServer(empty, host="127.0.0.1")) as client:
         assert await (await client.get("/api/ice-servers")).json() == {"iceServers": []}

@@ -18,7 +18,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from rtc_server.peer import LipSyncPeer
+from client.peer import LipSyncPeer
 from tests.conftest import ROOT, free_port
 from tests.probes import large_jpeg, process_status, upload_flood
 

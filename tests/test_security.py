@@ -23,13 +23,12 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from PIL import Image
 from yarl import URL
 
-from rtc_server.peer import SpeechTrack
+from client.peer import SpeechTrack
 from signaling import auth
 from signaling.auth import check_token, mint_token
 from signaling.config import ServerConfig
 from signaling.runner import app_runner
-from signaling.server import build_app
-from signaling.sessions import SESSIONS
+from signaling.server import SESSIONS, build_app
 from wav2lip.animator import Animator
 
 KEY = "k" * 32

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from rtc_server.peer import LipSyncPeer, SpeechTrack
+from client.peer import LipSyncPeer, SpeechTrack
 from signaling.config import ServerConfig
-from signaling.server import build_app
-from signaling.sessions import SESSIONS
+from signaling.server import SESSIONS, build_app
 from wav2lip.animator import Animator
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,94 @@
+"""Which engine renders mouths on this worker, and what it needs: its delay and batch size.
+
+Wav2Lip when weights can be had (explicit, cached, or fetched unless offline); the built-in
+animator otherwise, which needs none and says so by its name wherever the engine is shown.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtc_server.session import JITTER_SECONDS
+from wav2lip.animator import Animator
+from wav2lip.audio import LOOKAHEAD_SECONDS
+from wav2lip.blend import first_face_row
+from wav2lip.checkpoint import load_checkpoint
+from wav2lip.engine import Engine, MouthEngine
+from wav2lip.weights import GENERATORS, WeightsError, fetch, find_generator
+
+log = logging.getLogger(__name__)
+
+# Beyond the audio a frame needs and the network's jitter, the delay covers the render: a batch
+# must fit in it. On a CPU (ONNX Runtime) a Wav2Lip frame takes about 30 ms and batching gains
+# little, so frames go one at a time; a GPU gains from batching sessions together.
+RENDER_BUDGET = {"animator": 0.06, "wav2lip-gpu": 0.02, "wav2lip": 0.07}
+CPU_BATCH = 1
+GPU_BATCH = 16
+# The least delay: the mel window's look-ahead and the jitter allowance.
+LEAST_DELAY = LOOKAHEAD_SECONDS + JITTER_SECONDS
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Where the weights come from and where the engine runs."""
+
+    checkpoint: Path | None = None
+    cache: Path | None = None
+    offline: bool = False
+    device: str = "auto"
+    trust_checkpoint: bool = False
+
+
+def load_engine(choice: EngineChoice) -> MouthEngine:
+    """Wav2Lip when weights can be had (explicit, cached, or fetched unless offline); the
+    built-in animator otherwise, which needs no weights and says so in health."""
+    checkpoint = choice.checkpoint or find_generator(choice.cache)
+    if checkpoint is None and not choice.offline:
+        try:
+            checkpoint = fetch(GENERATORS[0], cache=choice.cache)
+        except WeightsError as exc:
+            log.warning("could not fetch Wav2Lip weights (%s)", exc)
+    if checkpoint is None:
+        log.warning(
+            "no Wav2Lip weights: running the built-in animator, which warps the photo's mouth "
+            "with the loudness of speech; run `lipsync weights fetch` for real lip-sync"
+        )
+        return Animator()
+    log.info("Wav2Lip weights: %s", checkpoint)
+    # Sessions blend with the feathered mask: only the lower face is computed.
+    return Engine(
+        load_checkpoint(checkpoint, trust_code=choice.trust_checkpoint),
+        device=choice.device,
+        first_row=first_face_row("feather"),
+    )
+
+
+def on_gpu(engine: MouthEngine) -> bool:
+    """Wav2Lip on CUDA or Apple's MPS: batches are cheap there."""
+    return isinstance(engine, Engine) and engine.device.type != "cpu"
+
+
+def device_name(engine: MouthEngine) -> str:
+    """Where the engine runs, as health shows it: "cpu", "cuda:0", "mps"."""
+    return str(engine.device) if isinstance(engine, Engine) else "cpu"
+
+
+def default_delay(engine: MouthEngine) -> float:
+    """Seconds from a sound's arrival to the frame that shows it leaving the server."""
+    key = f"{engine.name}-gpu" if on_gpu(engine) else engine.name
+    return LEAST_DELAY + RENDER_BUDGET[key]
+
+
+def max_batch(engine: MouthEngine) -> int:
+    return GPU_BATCH if on_gpu(engine) else CPU_BATCH
+
+
+def check_delay(delay: float | None) -> None:
+    """ValueError, naming the flag, for a delay too short for the mel window and jitter."""
+    if delay is not None and delay <= LEAST_DELAY:
+        raise ValueError(
+            f"--delay must be more than {LEAST_DELAY:.4f} s: Wav2Lip's mel window needs "
+            f"{LOOKAHEAD_SECONDS} s of audio beyond each frame, plus {JITTER_SECONDS} s for jitter"
+        )
