@@ -1,7 +1,8 @@
 """Who may use the API: the operator's key, and short-lived tokens minted with it.
 
 Without a key (the default, for local use) the API is open, like a desktop tool's. With
-`--api-key`, every /api/ route but health needs `Authorization: Bearer <key or token>`. The
+`--api-key`, every /api/ route but health needs `Authorization: Bearer <key or token>`, and
+/metrics the key itself (Prometheus sends it as a bearer token). The
 operator's own backend calls `POST /api/tokens` with the key and hands the token to one caller,
 for example as a link to the page, `/#token=...`, so the key itself never reaches a browser.
 
@@ -136,7 +137,8 @@ def auth_middleware(api_key: str) -> Middleware:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        need = needs(request) if request.path.startswith("/api/") else OPEN
+        guarded = request.path.startswith("/api/") or request.path == "/metrics"
+        need = needs(request) if guarded else OPEN
         if need == OPEN or request.method == "OPTIONS":
             return await handler(request)
         try:

@@ -25,12 +25,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from signaling.avatars import PHOTO_TTL, StoredAvatar
 from signaling.cluster import (
@@ -41,17 +43,26 @@ from signaling.cluster import (
     HttpWorker,
     WorkerClient,
 )
+from signaling.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "lipsync:"
 HEARTBEAT_SECONDS = 1.0
-SESSION_LEASE = 5.0  # renewed every heartbeat: a session outlives its worker by this at most
+# A session's slot lease and its session key; renewed every RENEW_BEATS heartbeats. They only
+# clean up after a worker that vanished: a dead worker's record lapses after `dead_after`,
+# which is what placement and lookups go by.
+SESSION_LEASE = 30.0
+RENEW_BEATS = 10
 VIEW_SECONDS = 0.5  # how often a front door rereads the workers' records
-CANDIDATES = 8  # workers, by headroom, the placement script chooses among
+CANDIDATES = 4  # workers, by headroom as last read, the placement script chooses among
+POOL_CONNECTIONS = 64  # Redis connections a process keeps at most; more requests wait
+POOL_WAIT = 5.0  # seconds a request waits for a connection before the registry is unavailable
 
-# ARGV: id, status JSON, state, capacity, engine, dead-after ms, lease ms, key prefix, the count
-# of live sessions, the live session ids, then the ended ones.
+# KEYS: the workers set, the worker's hash, its slots. ARGV: id, status JSON, state, capacity,
+# engine, dead-after ms, lease ms, key prefix, 1 to empty the slots first (a worker's first
+# beat: what an earlier run of it left is void), the count of sessions to add or renew (their
+# ids follow), then the ids of the sessions that ended.
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -59,24 +70,31 @@ redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'status', ARGV[2], 'state', ARGV[3], 'capacity', ARGV[4],
            'engine', ARGV[5], 'seen', now)
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
-local lease = now + tonumber(ARGV[7])
-local live = tonumber(ARGV[9])
-for i = 10, 9 + live do
-  redis.call('ZADD', KEYS[3], lease, ARGV[i])
-  redis.call('SET', ARGV[8] .. 'session:' .. ARGV[i], ARGV[1], 'PX', ARGV[7])
+if ARGV[9] == '1' then redis.call('DEL', KEYS[3]) end
+local added = tonumber(ARGV[10])
+if added > 0 then
+  local members = {}
+  for i = 11, 10 + added do
+    members[#members + 1] = now + tonumber(ARGV[7])
+    members[#members + 1] = ARGV[i]
+    redis.call('SET', ARGV[8] .. 'session:' .. ARGV[i], ARGV[1], 'PX', ARGV[7])
+  end
+  redis.call('ZADD', KEYS[3], unpack(members))
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
 end
-for i = 10 + live, #ARGV do
-  redis.call('ZREM', KEYS[3], ARGV[i])
-  local key = ARGV[8] .. 'session:' .. ARGV[i]
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+if #ARGV > 10 + added then
+  redis.call('ZREM', KEYS[3], unpack(ARGV, 11 + added))
+  for i = 11 + added, #ARGV do
+    local key = ARGV[8] .. 'session:' .. ARGV[i]
+    if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+  end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-redis.call('PEXPIRE', KEYS[3], 60000)
 return now
 """
 
 # KEYS: each candidate's worker hash and slots set, in pairs. ARGV: session id, lease ms.
 # Returns the 1-based index of the chosen pair, the one with the most room; nil if none has.
+# A slot counts while its lease runs: a reservation whose offer never arrived lapses.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -84,14 +102,14 @@ local best, best_room = nil, 0
 for i = 1, #KEYS, 2 do
   local record = redis.call('HMGET', KEYS[i], 'state', 'capacity')
   if record[1] == 'serving' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', now)
-    local room = tonumber(record[2]) - redis.call('ZCARD', KEYS[i + 1])
+    local room = tonumber(record[2]) - redis.call('ZCOUNT', KEYS[i + 1], now, '+inf')
     if room > best_room then best, best_room = i, room end
   end
 end
 if not best then return nil end
+redis.call('ZREMRANGEBYSCORE', KEYS[best + 1], '-inf', now)
 redis.call('ZADD', KEYS[best + 1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[best + 1], 60000)
+redis.call('PEXPIRE', KEYS[best + 1], math.max(tonumber(ARGV[2]), tonumber(ARGV[3])))
 return (best + 1) / 2
 """
 
@@ -103,8 +121,39 @@ return 1
 """
 
 
+class RegistryUnavailable(ApiError):
+    """Redis could not be reached (or answered in time): 503, try again shortly."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(
+            503,
+            "registry_unavailable",
+            f"the cluster's registry cannot be reached ({type(exc).__name__}); try again shortly",
+            {"Retry-After": "5"},
+        )
+
+
+@contextlib.asynccontextmanager
+async def _registry() -> AsyncIterator[None]:
+    """Redis's failures as a 503 to the caller, never a 500."""
+    try:
+        yield
+    except RedisError as exc:
+        log.warning("Redis: %r", exc)
+        raise RegistryUnavailable(exc) from exc
+
+
 def connect(url: str) -> Redis:
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    """A client whose requests wait for one of POOL_CONNECTIONS connections, rather than
+    failing when a burst of offers wants more at once."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=POOL_CONNECTIONS,
+        timeout=POOL_WAIT,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+    )
+    return Redis(connection_pool=pool)
 
 
 class Heartbeat:
@@ -124,6 +173,7 @@ class Heartbeat:
         self._script = redis.register_script(HEARTBEAT)
         self._wake = asyncio.Event()
         self._last: set[str] = set()
+        self._beats = 0
         self._task: asyncio.Task[None] | None = None
 
     def poke(self) -> None:
@@ -156,8 +206,14 @@ class Heartbeat:
                 log.warning("heartbeat failed: %r", exc)
 
     async def beat(self) -> None:
+        """Write the status; add the sessions begun since the last beat and remove the ones
+        ended; every RENEW_BEATS beats, renew all their leases. Reservations that front doors
+        hold meanwhile are left alone: they are what keeps concurrent offers from
+        overshooting."""
         status = self._status()
         live = set(status["session_ids"])
+        renew = self._beats % RENEW_BEATS == 0
+        added = live if renew else live - self._last
         ended = self._last - live
         await self._script(
             keys=[f"{PREFIX}workers", f"{PREFIX}worker:{self._id}", f"{PREFIX}slots:{self._id}"],
@@ -170,12 +226,14 @@ class Heartbeat:
                 int(self._dead_after * 1000),
                 int(SESSION_LEASE * 1000),
                 PREFIX,
-                len(live),
-                *sorted(live),
+                int(self._beats == 0),
+                len(added),
+                *sorted(added),
                 *sorted(ended),
             ],
         )
         self._last = live
+        self._beats += 1
 
 
 class RedisCluster:
@@ -214,10 +272,11 @@ class RedisCluster:
                 log.warning("cannot read the workers from Redis: %r", exc)
 
     async def _fresh(self) -> None:
-        """Reread the workers if the view is older than FRESH_SECONDS: health and placement
-        see a session's start or end (which its worker reports at once) almost at once."""
+        """Reread the workers if the view is older than FRESH_SECONDS: health sees a
+        session's start or end (which its worker reports at once) almost at once."""
         if time.monotonic() - self._read > FRESH_SECONDS:
-            await self._refresh()
+            async with _registry():
+                await self._refresh()
 
     async def _refresh(self) -> None:
         self._read = time.monotonic()
@@ -262,37 +321,46 @@ class RedisCluster:
         return self._client(max(serving, key=lambda s: int(s["headroom"])))
 
     async def reserve(self, session_id: str) -> tuple[str, WorkerClient] | None:
-        await self._fresh()
+        """The script chooses among CANDIDATES workers at a time, those with the most headroom
+        as last read (ties in random order, so that offers spread), and counts their slots
+        exactly; the next few are asked only if all of those are full."""
         serving = [s for s in self._view if s["state"] == "serving"]
-        candidates = sorted(serving, key=lambda s: int(s["headroom"]), reverse=True)
-        candidates = candidates[:CANDIDATES]
-        if not candidates:
-            return None
-        keys = []
-        for status in candidates:
-            keys += [f"{PREFIX}worker:{status['id']}", f"{PREFIX}slots:{status['id']}"]
-        chosen = await self._reserve(keys=keys, args=[session_id, int(RESERVATION_SECONDS * 1000)])
-        if chosen is None:
-            return None
-        status = candidates[int(chosen) - 1]
-        return str(status["id"]), self._client(status)
+        random.shuffle(serving)
+        ordered = sorted(serving, key=lambda s: int(s["headroom"]), reverse=True)
+        lease = int(RESERVATION_SECONDS * 1000)
+        for first in range(0, len(ordered), CANDIDATES):
+            candidates = ordered[first : first + CANDIDATES]
+            keys = []
+            for status in candidates:
+                keys += [f"{PREFIX}worker:{status['id']}", f"{PREFIX}slots:{status['id']}"]
+            async with _registry():
+                chosen = await self._reserve(
+                    keys=keys, args=[session_id, lease, int(SESSION_LEASE * 1000)]
+                )
+            if chosen is not None:
+                status = candidates[int(chosen) - 1]
+                return str(status["id"]), self._client(status)
+        return None
 
     async def placed(self, session_id: str, worker_id: str) -> None:
-        await self._redis.set(
-            f"{PREFIX}session:{session_id}", worker_id, px=int(SESSION_LEASE * 1000)
-        )
+        async with _registry():
+            await self._redis.set(
+                f"{PREFIX}session:{session_id}", worker_id, px=int(SESSION_LEASE * 1000)
+            )
 
     async def release(self, session_id: str, worker_id: str) -> None:
-        await self._release(
-            keys=[f"{PREFIX}slots:{worker_id}", f"{PREFIX}session:{session_id}"],
-            args=[session_id, worker_id],
-        )
+        async with _registry():
+            await self._release(
+                keys=[f"{PREFIX}slots:{worker_id}", f"{PREFIX}session:{session_id}"],
+                args=[session_id, worker_id],
+            )
 
     async def locate(self, session_id: str) -> WorkerClient | None:
-        worker_id = await self._redis.get(f"{PREFIX}session:{session_id}")
-        if worker_id is None:
-            return None
-        status = await self._redis.hget(f"{PREFIX}worker:{_text(worker_id)}", "status")
+        async with _registry():
+            worker_id = await self._redis.get(f"{PREFIX}session:{session_id}")
+            if worker_id is None:
+                return None
+            status = await self._redis.hget(f"{PREFIX}worker:{_text(worker_id)}", "status")
         if status is None:  # its worker died: the session died with it
             return None
         return self._client(json.loads(status))
@@ -317,17 +385,23 @@ class RedisPhotos:
             await pipe.execute()
 
     async def get(self, avatar_id: str) -> StoredAvatar | None:
-        info, preview = await self._redis.hmget(self._key(avatar_id), "info", "preview")
-        if info is None or preview is None:
-            return None
-        await self._touch(avatar_id)
+        async with _registry():
+            info, preview = await self._redis.hmget(self._key(avatar_id), "info", "preview")
+            if info is None or preview is None:
+                return None
+            await self._touch(avatar_id)
         return StoredAvatar(json.loads(info), _bytes(preview))
 
     async def photo(self, avatar_id: str) -> bytes | None:
-        photo = await self._redis.hget(self._key(avatar_id), "photo")
+        async with _registry():
+            photo = await self._redis.hget(self._key(avatar_id), "photo")
         return None if photo is None else _bytes(photo)
 
     async def put(self, avatar_id: str, photo: bytes, analysis: Analysis) -> None:
+        async with _registry():
+            await self._put(avatar_id, photo, analysis)
+
+    async def _put(self, avatar_id: str, photo: bytes, analysis: Analysis) -> None:
         key = self._key(avatar_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(
@@ -348,7 +422,8 @@ class RedisPhotos:
                 await self._redis.delete(self._key(_text(member)))
 
     async def count(self) -> int:
-        return int(await self._redis.zcard(f"{PREFIX}avatars"))
+        async with _registry():
+            return int(await self._redis.zcard(f"{PREFIX}avatars"))
 
 
 def _text(value: bytes | str) -> str:

@@ -218,6 +218,7 @@ async def test_with_a_key_the_api_needs_it_or_a_token() -> None:
             ("POST", "/api/tokens"),
             ("DELETE", "/api/sessions/x"),
             ("GET", "/api/nothing-here"),
+            ("GET", "/metrics"),
         ):
             async with http.request(method, url(path)) as response:
                 await _error(response, 401, "unauthorized")
@@ -248,9 +249,15 @@ async def test_with_a_key_the_api_needs_it_or_a_token() -> None:
             session_id = (await response.json())["id"]
         async with http.delete(url(f"/api/sessions/{session_id}"), headers=caller) as response:
             assert response.status == 204
-        # ...but cannot mint tokens.
+        # ...but cannot mint tokens, nor read the metrics.
         async with http.post(url("/api/tokens"), headers=caller) as response:
             await _error(response, 403, "insufficient_scope")
+        async with http.get(url("/metrics"), headers=caller) as response:
+            assert response.status == 403
+        async with http.get(url("/metrics"), headers=operator) as response:
+            assert response.status == 200 and "lipsync_sessions_started_total" in (
+                await response.text()
+            )
 
         # A narrower token: avatars only.
         async with http.post(
