@@ -27,12 +27,15 @@ function takeToken() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
-// Relative URLs, so the page also works behind a proxy that mounts the server under a prefix.
+// Paths are relative to the server's root, found from this module's own URL (/static/api.js),
+// so every page works from any path, also behind a proxy that mounts the server under a prefix.
+const ROOT = new URL("../", import.meta.url);
+
 async function call(method, path, { body, headers = {}, keepalive = false } = {}) {
   if (token) headers = { ...headers, Authorization: `Bearer ${token}` };
   let response;
   try {
-    response = await fetch(path, { method, body, headers, keepalive });
+    response = await fetch(new URL(path, ROOT), { method, body, headers, keepalive });
   } catch (error) {
     throw new ApiError(0, "network", `cannot reach the server (${error.message})`);
   }
@@ -84,4 +87,17 @@ export async function createSession(offer) {
 /** `keepalive` lets the request outlive the page (on unload; sendBeacon can only POST). */
 export async function deleteSession(id, { keepalive = false } = {}) {
   await call("DELETE", `api/sessions/${encodeURIComponent(id)}`, { keepalive });
+}
+
+/** Watch a session over WHEP: the answer's SDP, and where to DELETE to stop watching. */
+export async function watch(sessionId, offerSdp) {
+  const response = await call("POST", `whep/${encodeURIComponent(sessionId)}`, {
+    body: offerSdp,
+    headers: { "Content-Type": "application/sdp" },
+  });
+  return { sdp: await response.text(), location: response.headers.get("Location") };
+}
+
+export async function stopWatching(location, { keepalive = false } = {}) {
+  await call("DELETE", location.replace(/^\//, ""), { keepalive });
 }

@@ -146,7 +146,7 @@ async function startCall() {
     ui.audio.srcObject = detail.stream;
     applyHearing();
   });
-  current.addEventListener("connection", ({ detail }) => isCurrent() && onConnection(detail.state));
+  current.addEventListener("connection", ({ detail }) => isCurrent() && onConnection(detail));
   current.addEventListener("stats", ({ detail }) => isCurrent() && figures.update(detail));
   current.addEventListener("speaking", ({ detail }) => isCurrent() && figures.setSpeaking(detail.speaking));
   current.addEventListener("ended", ({ detail }) => {
@@ -168,7 +168,7 @@ async function startCall() {
   }
 }
 
-function onConnection(state) {
+function onConnection({ state, relay }) {
   if (state === "connected") {
     everConnected = true;
     if (videoPlaying) goLive();
@@ -178,7 +178,7 @@ function onConnection(state) {
     setState("trouble");
     say(CONNECTION.disconnected);
   } else if (state === "failed") {
-    fail(everConnected ? CONNECTION.lost : CONNECTION.failed, { retry: true });
+    fail(everConnected ? CONNECTION.lost : CONNECTION.failed[relay], { retry: true });
   }
 }
 

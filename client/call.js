@@ -9,6 +9,9 @@ import * as api from "./api.js";
 const ICE_GATHERING_TIMEOUT_MS = 2500;
 // How long Stop waits for the server to confirm the session's end before hanging up anyway.
 const DELETE_WAIT_MS = 3000;
+// A connection not up by then never will be (ICE and DTLS take a second or two, a few through
+// TURN): with no candidate pair at all, a browser would keep "checking" for good.
+const CONNECT_TIMEOUT_MS = 15000;
 
 // Voice processing on: the avatar's audio may play through speakers and must not echo back.
 // No sampleRate: the browser captures at its own rate and the server resamples.
@@ -25,8 +28,10 @@ export function unsupportedReason() {
 }
 
 /**
- * Events: "phase" {phase: "microphone" | "connecting"}, "connection" {state} (RTCPeerConnection's
- * connectionState), "video" {stream}, "audio" {stream}, "stats" {…}, "speaking" {speaking},
+ * Events: "phase" {phase: "microphone" | "connecting"}, "connection" {state, relay?}
+ * (RTCPeerConnection's connectionState; on "failed", what the relay did: "none" when the
+ * server offers no TURN server, "unreachable" when none of its TURN servers answered,
+ * "tried" when relayed candidates were gathered and still failed), "video" {stream}, "audio" {stream}, "stats" {…}, "speaking" {speaking},
  * "ended" {reason: "microphone" | "server" | "error", code?, message?}: "error" when the
  * server ended the session because part of it failed, with its `error` event's code and message.
  */
@@ -36,6 +41,7 @@ export class LipSyncCall extends EventTarget {
   #sessionId = null;
   #stopped = false;
   #serverError = null; // the server's last `error` event
+  #turn = false; // whether the server offered a TURN server
 
   constructor(avatarId) {
     super();
@@ -56,6 +62,7 @@ export class LipSyncCall extends EventTarget {
 
     this.#emit("phase", { phase: "connecting" });
     const iceServers = await api.iceServers();
+    this.#turn = iceServers.some((server) => [server.urls].flat().some((url) => /^turns?:/.test(url)));
     if (this.#stopped) return this.#release();
     const pc = (this.#pc = new RTCPeerConnection({ iceServers }));
     pc.addTransceiver(track, { direction: "sendrecv", streams: [this.#microphone] });
@@ -73,6 +80,12 @@ export class LipSyncCall extends EventTarget {
     this.#sessionId = answer.id;
     if (this.#stopped) return this.#endOnServer(); // Stop was pressed during the request
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+    setTimeout(() => this.#giveUp(pc), CONNECT_TIMEOUT_MS);
+  }
+
+  async #giveUp(pc) {
+    if (this.#stopped || pc !== this.#pc || ["connected", "failed", "closed"].includes(pc.connectionState)) return;
+    this.#emit("connection", { state: "failed", relay: await this.#relay(pc) });
   }
 
   /** End the call: the microphone at once, then the session on the server (which frees its
@@ -97,8 +110,10 @@ export class LipSyncCall extends EventTarget {
       // One stream per kind: the video element stays muted, the audio element is the switch.
       this.#emit(track.kind, { stream: new MediaStream([track]) });
     });
-    pc.addEventListener("connectionstatechange", () => {
-      if (!this.#stopped) this.#emit("connection", { state: pc.connectionState });
+    pc.addEventListener("connectionstatechange", async () => {
+      if (this.#stopped) return;
+      const state = pc.connectionState;
+      this.#emit("connection", state === "failed" ? { state, relay: await this.#relay(pc) } : { state });
     });
     channel.addEventListener("message", ({ data }) => {
       let message;
@@ -118,6 +133,14 @@ export class LipSyncCall extends EventTarget {
       const error = this.#serverError;
       this.#emit("ended", error ? { reason: "error", code: error.code, message: error.message } : { reason: "server" });
     });
+  }
+
+  /** What the relay did, for saying why the connection failed. */
+  async #relay(pc) {
+    if (!this.#turn) return "none";
+    const stats = await pc.getStats().catch(() => new Map());
+    const relayed = [...stats.values()].some((s) => s.type === "local-candidate" && s.candidateType === "relay");
+    return relayed ? "tried" : "unreachable";
   }
 
   async #endOnServer({ keepalive = false } = {}) {

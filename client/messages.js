@@ -102,9 +102,20 @@ export function describeServerError({ code, message }) {
 }
 
 export const CONNECTION = {
+  // Why ICE failed, by what the relay did (LipSyncCall's "connection" event).
   failed: {
-    tone: "error",
-    text: "Could not connect the media (ICE failed): a firewall or NAT blocks WebRTC between you and the server. The server may need a TURN server (--ice-server turn:…).",
+    none: {
+      tone: "error",
+      text: "Could not connect the media: no network path between you and the server worked (a firewall may block UDP), and the server offers no TURN relay to go around it. Its operator can add one (--ice-server turn:…).",
+    },
+    unreachable: {
+      tone: "error",
+      text: "Could not connect the media: the server's TURN relay could not be reached from your network. A firewall may block it; TURN over TCP, or TLS on port 443, gets through most.",
+    },
+    tried: {
+      tone: "error",
+      text: "Could not connect the media, even through the server's TURN relay: the relay could not reach the server. Press Retry; if it fails again, tell the server's operator.",
+    },
   },
   lost: {
     tone: "error",

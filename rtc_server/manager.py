@@ -20,10 +20,10 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessi
 from aiortc.contrib.media import MediaBlackhole
 from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.mediastreams import MediaStreamTrack
-from aiortc.sdp import SessionDescription
 
 from rtc_server.avatars import Avatar
 from rtc_server.metrics import MediaMetrics
+from rtc_server.offers import CALLER, VIEWER, BadOffer, for_ice, read_offer
 from rtc_server.scheduler import HEADROOM, InferenceScheduler
 from rtc_server.session import Session, SessionOptions
 from wav2lip.engine import MouthEngine
@@ -45,10 +45,6 @@ class MediaFailed(Exception):
     """The engine has failed for good: no session can start until the process restarts."""
 
 
-class BadOffer(ValueError):
-    """The offer cannot start a session; the message says why."""
-
-
 @dataclass(frozen=True)
 class ManagerOptions:
     max_sessions: int
@@ -58,33 +54,6 @@ class ManagerOptions:
     max_batch: int
     peer_timeout: float  # seconds without a packet from the peer before it counts as gone
     min_fps: float  # inferred frames a second every session must still get; 0: no check
-
-
-# What a session can use: the microphone, the video it receives, and the data channel.
-USABLE_MEDIA = {"audio": 1, "video": 1, "application": 1}
-
-
-def _accepts_audio(sdp: str) -> bool:
-    """Whether the peer accepts the returned audio; checks it sends audio, receives video, and
-    asks for nothing a session cannot use."""
-    try:
-        description = SessionDescription.parse(sdp)
-    except Exception as exc:  # aiortc's parser fails with many types, asserts among them
-        raise BadOffer(f"malformed SDP: {exc or type(exc).__name__}") from exc
-    for kind in {m.kind for m in description.media}:
-        count = sum(m.kind == kind for m in description.media)
-        if count > USABLE_MEDIA.get(kind, 0):
-            raise BadOffer(
-                f"the offer has {count} {kind} m-line(s); a session uses at most one audio, "
-                "one video and one application (data channel) m-line"
-            )
-    audio = [m for m in description.media if m.kind == "audio"]
-    video = [m for m in description.media if m.kind == "video"]
-    if not audio or audio[0].direction not in ("sendrecv", "sendonly"):
-        raise BadOffer("the offer must send an audio track (the microphone)")
-    if not video or video[0].direction not in ("sendrecv", "recvonly"):
-        raise BadOffer("the offer must receive a video track (add a recvonly video transceiver)")
-    return audio[0].direction == "sendrecv"
 
 
 class SessionManager:
@@ -145,8 +114,9 @@ class SessionManager:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
         await asyncio.to_thread(self.scheduler.stop)
 
-    async def create(self, session_id: str, sdp: str, avatar: Avatar) -> str:
-        """Answer an offer with a new session of this id; returns the answer's SDP."""
+    async def create(self, session_id: str, sdp: str, avatar: Avatar, kind: str = CALLER) -> str:
+        """Answer an offer (of a caller, or an ingest: `rtc_server.offers`) with a new
+        session of this id; returns the answer's SDP."""
         try:
             self._admit()
         except (SessionsFull, MediaFailed) as exc:
@@ -156,7 +126,7 @@ class SessionManager:
         # The slot is taken before the first await: concurrent offers cannot overshoot.
         self._starting += 1
         try:
-            send_audio = _accepts_audio(sdp)
+            offer = read_offer(sdp, kind)
             face = await asyncio.to_thread(self.engine.prepare, avatar.face_input)
         finally:
             self._starting -= 1
@@ -171,7 +141,7 @@ class SessionManager:
                 delay=self.options.delay,
                 idle_timeout=self.options.idle_timeout,
                 bitrate=self.options.bitrate,
-                send_audio=send_audio,
+                send_audio=offer.receives_audio,
                 peer_timeout=self.options.peer_timeout,
             ),
             self._forget,
@@ -179,7 +149,7 @@ class SessionManager:
         )
         self.sessions[session.id] = session
         try:
-            answer = await self._negotiate(pc, session, sdp)
+            answer = await self._negotiate(pc, session, sdp, offer.receives_video)
         except Exception:
             await session.close()
             raise
@@ -210,7 +180,9 @@ class SessionManager:
                 "and all are in use",
             )
 
-    async def _negotiate(self, pc: RTCPeerConnection, session: Session, sdp: str) -> str:
+    async def _negotiate(
+        self, pc: RTCPeerConnection, session: Session, sdp: str, send_video: bool
+    ) -> str:
         sink = MediaBlackhole()  # drains any track we do not use (a camera, say)
         self._sinks[session.id] = sink
 
@@ -227,15 +199,16 @@ class SessionManager:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState == "connected" and not session.closed:
-                session.start(video_sender)
+                session.start()
             elif pc.connectionState in ("failed", "closed"):
                 await session.close()
 
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            video_sender = pc.addTrack(session.video_track)
-            if session.audio_track is not None:
-                pc.addTrack(session.audio_track)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=for_ice(sdp), type="offer"))
+            if send_video:
+                session.send_video(pc.addTrack(session.video_track()))
+            if session.options.send_audio:
+                pc.addTrack(session.audio_track())
             answer = await pc.createAnswer()
         except (ValueError, AssertionError, InvalidAccessError, OperationError) as exc:
             raise BadOffer(f"the offer could not be answered: {exc}") from exc
@@ -249,6 +222,41 @@ class SessionManager:
         if session is None:
             return False
         await session.close()
+        return True
+
+    async def add_viewer(self, session_id: str, viewer_id: str, sdp: str) -> str | None:
+        """Answer a viewer's offer: the session's video (and audio, if asked for), made once
+        for every receiver. None if there is no such session."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return None
+        offer = read_offer(sdp, VIEWER)
+        pc = RTCPeerConnection(self._rtc_configuration())
+        session.viewers[viewer_id] = pc
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.end_viewer(session_id, viewer_id)
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=for_ice(sdp), type="offer"))
+            session.send_video(pc.addTrack(session.video_track()))
+            if offer.receives_audio:
+                pc.addTrack(session.audio_track())
+            await pc.setLocalDescription(await pc.createAnswer())
+        except (ValueError, AssertionError, InvalidAccessError, OperationError) as exc:
+            await self.end_viewer(session_id, viewer_id)
+            raise BadOffer(f"the offer could not be answered: {exc}") from exc
+        log.info("session %s: viewer %s (%d)", session_id, viewer_id, len(session.viewers))
+        return str(pc.localDescription.sdp)
+
+    async def end_viewer(self, session_id: str, viewer_id: str) -> bool:
+        session = self.sessions.get(session_id)
+        pc = session.viewers.pop(viewer_id, None) if session is not None else None
+        if pc is None:
+            return False
+        await pc.close()
         return True
 
     async def _forget(self, session: Session) -> None:

@@ -6,6 +6,10 @@ complete (or its audio is overdue, which then counts as silence) submits the fra
 shared `InferenceScheduler` with the time it is due; the scheduler's thread infers and pastes
 the mouth; the `LipSyncVideoTrack` sends each frame when due, repeating the previous one if
 its own did not arrive in time; the `ReturnedAudioTrack` sends the same audio on the same clock.
+
+Several receivers may take the same video and audio: the peer that sends the microphone, and
+viewers (WHEP). Each has its own tracks, paced by the one clock; a frame is made once and
+handed to each receiver that asks for its index, so a viewer costs its encoding, not inference.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from rtc_server.metrics import MediaMetrics
 from rtc_server.microphone import Microphone
 from rtc_server.scheduler import InferenceScheduler
 from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
-from rtc_server.tracks import LipSyncVideoTrack, ReturnedAudioTrack
+from rtc_server.tracks import (
+    VIDEO_PTS_STEP,
+    VIDEO_TIME_BASE,
+    LipSyncVideoTrack,
+    ReturnedAudioTrack,
+)
 from wav2lip.audio import (
     MEL_STEP,
     N_MELS,
@@ -48,6 +57,7 @@ log = logging.getLogger(__name__)
 # Audio later than this (beyond when it should have arrived) is taken as silence.
 JITTER_SECONDS = 0.06
 MAX_READY = 16  # finished frames waiting for their turn (0.64 s)
+AUDIO_CHUNKS_KEPT = 16  # returned audio chunks kept for receivers a little behind (0.32 s)
 SPEECH_RMS = 0.01  # about -40 dBFS
 SPEECH_HANGOVER = 0.4  # seconds of quiet before speaking counts as stopped
 # A connection not up this long after the answer never will be (ICE and DTLS take a second or
@@ -92,8 +102,8 @@ class Session:
         self._scheduler = scheduler
         self._on_closed = on_closed
         self._blender = Blender(photo.box, photo.image.shape)
-        readers = ("mel", "out") if options.send_audio else ("mel",)
-        self._timeline = AudioTimeline(readers)
+        self._timeline = AudioTimeline(("mel", "out"))
+        self._audio_chunks: dict[int, np.ndarray] = {}  # start sample -> returned audio
         self._mel_stream = MelStream()
         self._mel = np.zeros((N_MELS, 0), dtype=np.float32)
         self._mel_base = 0  # mel frame index of self._mel[:, 0]
@@ -101,6 +111,7 @@ class Session:
         self._ready: dict[int, av.VideoFrame] = {}
         self._sent_upto = 0  # frames below this were sent already; late results are dropped
         self._last_frame = self._to_video_frame(photo.image)
+        self._shown_index = -1  # the index of the frame last handed out
         self._shown_arrival: float | None = None  # when the shown mouth's audio arrived
         self._audio_event = asyncio.Event()
         # (end sample, arrival time) of recent microphone frames, for measuring lag.
@@ -108,15 +119,12 @@ class Session:
         self._tasks: list[asyncio.Task[None]] = []
         self._microphone: Microphone | None = None
         self._events: RTCDataChannel | None = None
-        self._video_sender: RTCRtpSender | None = None
-        self._bitrate_set = False
+        self._video_senders: list[RTCRtpSender] = []  # whose encoders still need the bitrate
+        self.viewers: dict[str, RTCPeerConnection] = {}
+        self.tracks: list[MediaStreamTrack] = []  # every receiver's, stopped with the session
         self._closing: asyncio.Task[None] | None = None
         self._speaking = False
         self._quiet_since = 0.0
-        self.video_track = LipSyncVideoTrack(self.clock, self, self._track_failed)
-        self.audio_track = (
-            ReturnedAudioTrack(self.clock, self, self._track_failed) if options.send_audio else None
-        )
         # Counters: totals, and the last second's window for the stats message.
         self.delivered = 0
         self.generated = 0
@@ -169,12 +177,27 @@ class Session:
         """End the session when its peer never connects, vanishes, or sends no media."""
         self._spawn(self._watch(), "watch")
 
-    def start(self, video_sender: RTCRtpSender) -> None:
+    def video_track(self) -> LipSyncVideoTrack:
+        """A video track for one more receiver."""
+        track = LipSyncVideoTrack(self.clock, self, self._track_failed)
+        self.tracks.append(track)
+        return track
+
+    def audio_track(self) -> ReturnedAudioTrack:
+        """A returned-audio track for one more receiver."""
+        track = ReturnedAudioTrack(self.clock, self, self._track_failed)
+        self.tracks.append(track)
+        return track
+
+    def send_video(self, sender: RTCRtpSender) -> None:
+        """A sender of this session's video, whose encoder gets the starting bitrate."""
+        self._video_senders.append(sender)
+
+    def start(self) -> None:
         """Begin once the connection is up: the clock, frame production and stats."""
         if self.clock.started.is_set():
             return
         self.clock.start()
-        self._video_sender = video_sender
         self._spawn(self._produce(), "produce")
         self._spawn(self._report(), "report")
 
@@ -213,6 +236,10 @@ class Session:
     def _advance(self) -> None:
         """Read new audio into mel frames and submit every frame whose window is complete."""
         now = self.clock.now()
+        # Returned audio nobody takes (no receiver wants it) is let go of.
+        behind = round((now - self.options.delay) * SAMPLE_RATE) - SAMPLE_RATE // 2
+        if self._timeline.position("out") < behind:
+            self._timeline.read("out", behind)
         end = self._timeline.written_end
         # Frames whose audio is overdue go ahead with silence: a stalled or muted microphone
         # still yields 25 fps of resting mouth.
@@ -287,6 +314,12 @@ class Session:
     # -- called by the tracks -------------------------------------------------------------
 
     def frame_for(self, index: int, sent_at: float) -> av.VideoFrame:
+        """The frame that shows `index`, stamped with its time; every receiver asking for
+        the same index (or, a little behind, an older one) gets the one already handed out,
+        which is counted once."""
+        if index <= self._shown_index:
+            return self._last_frame
+        self._shown_index = index
         frame = self._ready.pop(index, None)
         for stale in [k for k in self._ready if k < index]:
             del self._ready[stale]
@@ -298,6 +331,12 @@ class Session:
             self._repeat_run += 1
             self.longest_repeat_run = max(self.longest_repeat_run, self._repeat_run)
             frame = self._last_frame
+            if self.viewers:
+                # Another sender may still be encoding the previous frame object, its pts
+                # with it: the repeat goes out as a copy with a pts of its own.
+                frame = self._last_frame = av.VideoFrame.from_ndarray(
+                    frame.to_ndarray(), format="yuv420p"
+                )
         else:
             self._repeat_run = 0
             self._last_frame = frame
@@ -308,13 +347,23 @@ class Session:
         # older mouth, 40 ms older for each frame it lags behind.
         if self._shown_arrival is not None:
             self._metrics.frame_sent(fresh, sent_at - self._shown_arrival)
+        frame.pts = index * VIDEO_PTS_STEP
+        frame.time_base = VIDEO_TIME_BASE
         self._apply_bitrate()
         return frame
 
     def audio_for(self, start: int, count: int) -> np.ndarray:
-        if self._timeline.position("out") < start:
-            self._timeline.read("out", start)  # skipped ahead: discard what was missed
-        return self._timeline.read("out", start + count)
+        """`count` samples of returned audio from `start`, read once for every receiver."""
+        chunk = self._audio_chunks.get(start)
+        if chunk is None:
+            if self._timeline.position("out") < start:
+                self._timeline.read("out", start)  # skipped ahead: discard what was missed
+            if self._timeline.position("out") > start:  # read already for a later chunk
+                return np.zeros(count, np.float32)
+            chunk = self._audio_chunks[start] = self._timeline.read("out", start + count)
+            for old in [k for k in self._audio_chunks if k < start - AUDIO_CHUNKS_KEPT * count]:
+                del self._audio_chunks[old]
+        return chunk
 
     def _arrival_of(self, sample: int) -> float:
         """When the audio at `sample` arrived, or when it was due if it never did."""
@@ -331,12 +380,11 @@ class Session:
         aiortc exposes no API for it and clamps it to the codec's range (VP8 0.25-1.5 Mbit/s,
         H.264 0.5-3 Mbit/s); later the receiver's REMB estimate steers it.
         """
-        if self._bitrate_set or self._video_sender is None:
-            return
-        encoder = getattr(self._video_sender, "_RTCRtpSender__encoder", None)
-        if encoder is not None and hasattr(encoder, "target_bitrate"):
-            encoder.target_bitrate = self.options.bitrate
-            self._bitrate_set = True
+        for sender in list(self._video_senders):
+            encoder = getattr(sender, "_RTCRtpSender__encoder", None)
+            if encoder is not None and hasattr(encoder, "target_bitrate"):
+                encoder.target_bitrate = self.options.bitrate
+                self._video_senders.remove(sender)
 
     # -- reporting and lifetime -----------------------------------------------------------
 
@@ -429,10 +477,11 @@ class Session:
             self._tasks.clear()
             self._ready.clear()
             self._scheduler.forget(self)
-            self.video_track.stop()
-            if self.audio_track is not None:
-                self.audio_track.stop()
             self.face = None
+            await asyncio.gather(*(viewer.close() for viewer in self.viewers.values()))
+            self.viewers.clear()
+            for track in self.tracks:
+                track.stop()
             await self.pc.close()
         finally:
             await self._on_closed(self)

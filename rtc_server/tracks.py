@@ -27,6 +27,7 @@ from rtc_server.clock import AUDIO_FRAME_SECONDS, VIDEO_FRAME_SECONDS, SessionCl
 
 VIDEO_CLOCK_RATE = 90_000
 VIDEO_PTS_STEP = VIDEO_CLOCK_RATE // 25  # 3600
+VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK_RATE)
 AUDIO_RATE = 16_000
 AUDIO_FRAME_SAMPLES = AUDIO_RATE // 50  # 320
 # How far behind schedule a track may fall before it skips ahead to the present.
@@ -35,7 +36,8 @@ MAX_BEHIND = 0.1
 
 class FrameSource(Protocol):
     def frame_for(self, index: int, sent_at: float) -> av.VideoFrame:
-        """The picture for frame `index`: rendered, or the previous one repeated."""
+        """The picture for frame `index`, its pts set: rendered, or the previous one repeated.
+        Shared by every receiver of the session: not to be changed."""
 
 
 class AudioSource(Protocol):
@@ -99,10 +101,7 @@ class LipSyncVideoTrack(_PacedTrack):
         self._source = source
 
     def _frame(self, index: int) -> av.VideoFrame:
-        frame = self._source.frame_for(index, time.monotonic())
-        frame.pts = index * VIDEO_PTS_STEP
-        frame.time_base = Fraction(1, VIDEO_CLOCK_RATE)
-        return frame
+        return self._source.frame_for(index, time.monotonic())
 
 
 class ReturnedAudioTrack(_PacedTrack):

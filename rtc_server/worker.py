@@ -5,9 +5,11 @@ cluster, or directly in the one-process server:
 
 - `status()`: its state and load, for health and for placing sessions;
 - `analyse(avatar_id, photo)`: a photo checked, fitted and its face found (PhotoError if not);
-- `create_session(session_id, sdp, avatar_id, photo)`: the answer to an offer; the photo is
-  needed only if this worker has not analysed it yet (AvatarNeeded otherwise);
-- `end_session(session_id)`.
+- `create_session(session_id, sdp, avatar_id, photo, kind)`: the answer to an offer of a
+  caller or an ingest (`rtc_server.offers`); the photo is needed only if this worker has not
+  analysed it yet (AvatarNeeded otherwise);
+- `end_session(session_id)`;
+- `add_viewer(session_id, viewer_id, sdp)` and `end_viewer`: someone else watching a session.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from aiortc import RTCConfiguration
 from aiortc.rtcicetransport import connection_kwargs
 
 from rtc_server.avatars import Avatar, Avatars, PhotoLimits
+from rtc_server.dtls import accept_rsa_peers
 from rtc_server.engines import default_delay, device_name, max_batch
 from rtc_server.manager import ManagerOptions, SessionManager
 from rtc_server.metrics import MediaMetrics
+from rtc_server.offers import CALLER
 from wav2lip.engine import MouthEngine
 
 SERVING, DRAINING, DEGRADED = "serving", "draining", "degraded"
@@ -82,6 +86,7 @@ class Worker:
 
     async def start(self) -> None:
         """Prepare the default avatar and warm the engine up (EngineFailure if it cannot)."""
+        accept_rsa_peers()
         await self.avatars.start()
         await self.manager.start()
 
@@ -126,7 +131,12 @@ class Worker:
         return await self.avatars.analyse(avatar_id, photo)
 
     async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None = None
+        self,
+        session_id: str,
+        sdp: str,
+        avatar_id: str,
+        photo: bytes | None = None,
+        kind: str = CALLER,
     ) -> str:
         """The answer to an offer; AvatarNeeded if the photo must come along."""
         avatar = self.avatars.get(avatar_id)
@@ -134,10 +144,16 @@ class Worker:
             if photo is None:
                 raise AvatarNeeded(avatar_id)
             avatar = await self.avatars.analyse(avatar_id, photo)
-        return await self.manager.create(session_id, sdp, avatar)
+        return await self.manager.create(session_id, sdp, avatar, kind)
 
     async def end_session(self, session_id: str) -> bool:
         return await self.manager.close(session_id)
+
+    async def add_viewer(self, session_id: str, viewer_id: str, sdp: str) -> str | None:
+        return await self.manager.add_viewer(session_id, viewer_id, sdp)
+
+    async def end_viewer(self, session_id: str, viewer_id: str) -> bool:
+        return await self.manager.end_viewer(session_id, viewer_id)
 
 
 def server_ice(configuration: RTCConfiguration) -> dict[str, str | None]:

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
-from signaling import auth, avatars, sessions
+from signaling import auth, avatars, sessions, whip
 from signaling.avatars import AVATARS, Avatars, PhotoStore
 from signaling.bodies import JSON_LIMIT
 from signaling.cluster import Cluster, summarize
@@ -51,7 +51,8 @@ def create_app(
     app[METRICS] = FrontDoorMetrics(metrics)
     app.on_startup.append(_start_cluster)
     app.on_cleanup.append(_stop_cluster)
-    for table in (routes, page_routes, avatars.routes, auth.routes, sessions.routes):
+    tables = (routes, page_routes, avatars.routes, auth.routes, sessions.routes, whip.routes)
+    for table in tables:
         app.add_routes(table)
     return app
 
@@ -129,6 +130,12 @@ def _page_file(name: str) -> web.FileResponse:
 @page_routes.get("/")
 async def index(request: web.Request) -> web.FileResponse:
     return _page_file("index.html")
+
+
+@page_routes.get("/watch/{session_id}")
+async def watch(request: web.Request) -> web.FileResponse:
+    """The page that plays one session's video over WHEP."""
+    return _page_file("watch.html")
 
 
 @page_routes.get("/static/{name}")

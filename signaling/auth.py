@@ -1,8 +1,8 @@
 """Who may use the API: the operator's key, and short-lived tokens minted with it.
 
 Without a key (the default, for local use) the API is open, like a desktop tool's. With
-`--api-key`, every /api/ route but health needs `Authorization: Bearer <key or token>`, and
-/metrics the key itself (Prometheus sends it as a bearer token). The
+`--api-key`, every /api/ route but health, WHIP and WHEP need `Authorization: Bearer <key or
+token>`, and /metrics the key itself (Prometheus sends it as a bearer token). The
 operator's own backend calls `POST /api/tokens` with the key and hands the token to one caller,
 for example as a link to the page, `/#token=...`, so the key itself never reaches a browser.
 
@@ -44,7 +44,14 @@ NEEDS: dict[tuple[str, str], str] = {
     ("GET", "/api/ice-servers"): "sessions",
     ("POST", "/api/sessions"): "sessions",
     ("DELETE", "/api/sessions/{session_id}"): "sessions",
+    ("POST", "/whip"): "sessions",
+    ("POST", "/whip/{name}"): "sessions",
+    ("DELETE", "/whip/{name}"): "sessions",
+    ("POST", "/whep/{session_id}"): "sessions",
+    ("DELETE", "/whep/{session_id}/{viewer_id}"): "sessions",
 }
+# Where credentials are checked: the JSON API, WHIP and WHEP, and the metrics.
+GUARDED = ("/api/", "/whip", "/whep", "/metrics")
 TOKEN_SHAPE = '{"ttl"?: seconds, "scope"?: ["avatars", "sessions"]}'
 
 routes = web.RouteTableDef()
@@ -137,8 +144,7 @@ def auth_middleware(api_key: str) -> Middleware:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        guarded = request.path.startswith("/api/") or request.path == "/metrics"
-        need = needs(request) if guarded else OPEN
+        need = needs(request) if request.path.startswith(GUARDED) else OPEN
         if need == OPEN or request.method == "OPTIONS":
             return await handler(request)
         try:

@@ -69,10 +69,19 @@ class WorkerClient(Protocol):
     async def analyse(self, avatar_id: str, photo: bytes) -> Analysis: ...
 
     async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None
-    ) -> str: ...
+        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None, kind: str
+    ) -> str:
+        """`kind`: "caller" (sends the microphone, receives the video) or "ingest" (only
+        sends audio: WHIP)."""
+        ...
 
     async def end_session(self, session_id: str) -> bool: ...
+
+    async def add_viewer(self, session_id: str, viewer_id: str, sdp: str) -> str | None:
+        """The answer to a viewer's offer for a session's video; None if no such session."""
+        ...
+
+    async def end_viewer(self, session_id: str, viewer_id: str) -> bool: ...
 
 
 @dataclass
@@ -321,17 +330,33 @@ class HttpWorker:
         return _analysis((await self._call("PUT", f"/internal/avatars/{avatar_id}", data=photo))[1])
 
     async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None
+        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None, kind: str
     ) -> str:
-        body: dict[str, Any] = {"sdp": sdp, "avatar": avatar_id}
+        body: dict[str, Any] = {"sdp": sdp, "avatar": avatar_id, "kind": kind}
         if photo is not None:
             body["photo"] = base64.b64encode(photo).decode("ascii")
         _, answer = await self._call("PUT", f"/internal/sessions/{session_id}", json=body)
         return str(answer["sdp"])
 
     async def end_session(self, session_id: str) -> bool:
+        return await self._delete(f"/internal/sessions/{session_id}")
+
+    async def add_viewer(self, session_id: str, viewer_id: str, sdp: str) -> str | None:
+        path = f"/internal/sessions/{session_id}/viewers/{viewer_id}"
         try:
-            await self._call("DELETE", f"/internal/sessions/{session_id}")
+            _, answer = await self._call("PUT", path, json={"sdp": sdp})
+        except ApiError as exc:
+            if exc.code == "session_not_found":
+                return None
+            raise
+        return str(answer["sdp"])
+
+    async def end_viewer(self, session_id: str, viewer_id: str) -> bool:
+        return await self._delete(f"/internal/sessions/{session_id}/viewers/{viewer_id}")
+
+    async def _delete(self, path: str) -> bool:
+        try:
+            await self._call("DELETE", path)
         except ApiError as exc:
             if exc.status == 404:
                 return False

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 # Answers after which the rest of the request cannot be trusted to follow: the connection
 # closes instead of reading (or waiting for) a body nobody wants.
 CLOSING_STATUSES = frozenset({408, 413})
-# Paths whose errors are JSON: the public API and the workers' internal one.
-JSON_PATHS = ("/api/", "/internal/")
+# Paths whose errors are JSON: the public API, WHIP and WHEP, and the workers' internal API.
+JSON_PATHS = ("/api/", "/internal/", "/whip", "/whep")
 
 
 class ApiError(Exception):

@@ -41,7 +41,7 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type",
     "Access-Control-Max-Age": "600",
 }
-CORS_EXPOSED = "Location, Retry-After"
+CORS_EXPOSED = "Location, Retry-After, Link"
 
 
 def normal_origin(origin: str) -> str:

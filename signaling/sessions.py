@@ -49,7 +49,15 @@ async def _offer(request: web.Request) -> dict[str, Any]:
 @routes.post("/api/sessions")
 async def create_session(request: web.Request) -> web.Response:
     body = await _offer(request)
-    avatar_id = body.get("avatar", DEFAULT_ID)
+    session_id, answer = await start_session(request, body["sdp"], body.get("avatar", DEFAULT_ID))
+    return web.json_response({"id": session_id, "sdp": answer, "type": "answer"}, status=201)
+
+
+async def start_session(
+    request: web.Request, sdp: str, avatar_id: str, kind: str = "caller"
+) -> tuple[str, str]:
+    """A new session showing the avatar, placed on a worker: its id and the answer's SDP.
+    `kind`: a caller's offer (the page's), or an ingest's (WHIP)."""
     if await request.app[AVATARS].get(avatar_id) is None:
         raise ApiError(
             404, "avatar_not_found", f"no avatar {avatar_id!r}: upload it with POST /api/avatars"
@@ -57,16 +65,18 @@ async def create_session(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     started = time.monotonic()
     try:
-        session_id, answer = await _place(request, body["sdp"], avatar_id)
+        placed = await place(request, sdp, avatar_id, kind)
     except ApiError as exc:
         metrics.sessions_refused.labels(exc.code).inc()
         raise
     metrics.placement_seconds.observe(time.monotonic() - started)
     metrics.sessions_started.inc()
-    return web.json_response({"id": session_id, "sdp": answer, "type": "answer"}, status=201)
+    return placed
 
 
-async def _place(request: web.Request, sdp: str, avatar_id: str) -> tuple[str, str]:
+async def place(
+    request: web.Request, sdp: str, avatar_id: str, kind: str = "caller"
+) -> tuple[str, str]:
     """Reserve a slot, hand the offer to its worker (with the photo if it lacks it); the
     session's id and the answer."""
     cluster, metrics = request.app[CLUSTER], request.app[METRICS]
@@ -79,14 +89,14 @@ async def _place(request: web.Request, sdp: str, avatar_id: str) -> tuple[str, s
         worker_id, worker = reserved
         try:
             try:
-                answer = await worker.create_session(session_id, sdp, avatar_id, None)
+                answer = await worker.create_session(session_id, sdp, avatar_id, None, kind)
             except AvatarNeeded:
                 photo = await request.app[AVATARS].store.photo(avatar_id)
                 if photo is None:
                     raise ApiError(
                         404, "avatar_not_found", f"no avatar {avatar_id!r}: upload it again"
                     ) from None
-                answer = await worker.create_session(session_id, sdp, avatar_id, photo)
+                answer = await worker.create_session(session_id, sdp, avatar_id, photo, kind)
         except WorkerUnavailable as exc:
             log.warning("worker %s unreachable (%s); trying another", worker_id, exc)
             metrics.placements.labels("unreachable").inc()
@@ -124,7 +134,12 @@ async def _nowhere(cluster: Cluster) -> ApiError:
 
 @routes.delete("/api/sessions/{session_id}")
 async def delete_session(request: web.Request) -> web.Response:
-    session_id = request.match_info["session_id"]
+    await end_session(request, request.match_info["session_id"])
+    return web.Response(status=204)
+
+
+async def end_session(request: web.Request, session_id: str) -> None:
+    """End a session on its worker; 404 if there is no such live session."""
     worker = await request.app[CLUSTER].locate(session_id)
     try:
         ended = worker is not None and await worker.end_session(session_id)
@@ -132,4 +147,3 @@ async def delete_session(request: web.Request) -> web.Response:
         ended = False  # its worker is gone, and the session with it
     if not ended:
         raise ApiError(404, "session_not_found", f"no live session {session_id!r}")
-    return web.Response(status=204)

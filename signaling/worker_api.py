@@ -22,7 +22,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rtc_server.avatars import Avatar, PhotoError
-from rtc_server.manager import BadOffer, MediaFailed, SessionsFull
+from rtc_server.manager import MediaFailed, SessionsFull
+from rtc_server.offers import CALLER, INGEST, BadOffer
 from rtc_server.worker import AvatarNeeded, Worker
 from signaling import cluster
 from signaling.bodies import read_json_object, receive
@@ -88,10 +89,10 @@ class InProcess:
             raise api_error(exc) from None
 
     async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None
+        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None, kind: str
     ) -> str:
         try:
-            return await self.worker.create_session(session_id, sdp, avatar_id, photo)
+            return await self.worker.create_session(session_id, sdp, avatar_id, photo, kind)
         except AvatarNeeded:
             raise cluster.AvatarNeeded() from None
         except (PhotoError, SessionsFull, MediaFailed, BadOffer) as exc:
@@ -99,6 +100,15 @@ class InProcess:
 
     async def end_session(self, session_id: str) -> bool:
         return await self.worker.end_session(session_id)
+
+    async def add_viewer(self, session_id: str, viewer_id: str, sdp: str) -> str | None:
+        try:
+            return await self.worker.add_viewer(session_id, viewer_id, sdp)
+        except BadOffer as exc:
+            raise api_error(exc) from None
+
+    async def end_viewer(self, session_id: str, viewer_id: str) -> bool:
+        return await self.worker.end_viewer(session_id, viewer_id)
 
 
 def _secret_middleware(secret: str) -> Any:
@@ -179,8 +189,11 @@ async def _read_photo(request: web.Request) -> bytes:
 @routes.put("/internal/sessions/{session_id}")
 async def create_session(request: web.Request) -> web.Response:
     body = await read_json_object(
-        request, INTERNAL_TIMEOUT, "{sdp, avatar, photo?}", INTERNAL_BODY_LIMIT
+        request, INTERNAL_TIMEOUT, "{sdp, avatar, kind?, photo?}", INTERNAL_BODY_LIMIT
     )
+    kind = body.get("kind", CALLER)
+    if kind not in (CALLER, INGEST):
+        raise ApiError(400, "bad_kind", f'"kind" must be "{CALLER}" or "{INGEST}"')
     photo = None
     if "photo" in body:
         try:
@@ -189,7 +202,7 @@ async def create_session(request: web.Request) -> web.Response:
             raise ApiError(400, "bad_photo", '"photo" must be base64') from None
     try:
         answer = await InProcess(request.app[WORKER]).create_session(
-            request.match_info["session_id"], str(body["sdp"]), str(body["avatar"]), photo
+            request.match_info["session_id"], str(body["sdp"]), str(body["avatar"]), photo, kind
         )
     except cluster.AvatarNeeded:
         raise ApiError(409, "avatar_needed", "send the photo along") from None
@@ -200,4 +213,25 @@ async def create_session(request: web.Request) -> web.Response:
 async def end_session(request: web.Request) -> web.Response:
     if not await request.app[WORKER].end_session(request.match_info["session_id"]):
         raise ApiError(404, "session_not_found", "no such session on this worker")
+    return web.Response(status=204)
+
+
+@routes.put("/internal/sessions/{session_id}/viewers/{viewer_id}")
+async def add_viewer(request: web.Request) -> web.Response:
+    body = await read_json_object(request, INTERNAL_TIMEOUT, "{sdp}")
+    answer = await InProcess(request.app[WORKER]).add_viewer(
+        request.match_info["session_id"], request.match_info["viewer_id"], str(body["sdp"])
+    )
+    if answer is None:
+        raise ApiError(404, "session_not_found", "no such session on this worker")
+    return web.json_response({"sdp": answer}, status=201)
+
+
+@routes.delete("/internal/sessions/{session_id}/viewers/{viewer_id}")
+async def end_viewer(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    if not await worker.end_viewer(
+        request.match_info["session_id"], request.match_info["viewer_id"]
+    ):
+        raise ApiError(404, "viewer_not_found", "no such viewer of that session")
     return web.Response(status=204)

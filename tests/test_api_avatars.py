@@ -298,7 +298,7 @@ async def test_a_bug_is_a_json_500_and_the_oldest_avatars_go(
     async def broken(*_: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(sessions, "_place", broken)
+    monkeypatch.setattr(sessions, "place", broken)
     config = ServerConfig(offline=True, cache=tmp_path, avatar_limit=2)
     async with TestClient(TestServer(build_app(config, engine=Animator()))) as client:
         with caplog.at_level(logging.ERROR, logger="signaling.errors"):

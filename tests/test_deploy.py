@@ -44,6 +44,7 @@ def test_compose_runs_a_gateway_two_workers_redis_and_coturn() -> None:
     coturn = services["coturn"]
     assert "--use-auth-secret" in coturn["command"]
     assert "--static-auth-secret=${TURN_SECRET:?set TURN_SECRET}" in coturn["command"]
+    assert "--tls-listening-port=443" in coturn["command"] and "--no-tls" not in coturn["command"]
     secret = "${CLUSTER_SECRET:?set CLUSTER_SECRET}"
     for name in ("gateway", "worker-1", "worker-2"):
         service = services[name]
@@ -71,7 +72,13 @@ def test_compose_commands_are_valid(monkeypatch) -> None:
         command = [_substitute(arg, env) for arg in services[name]["command"]]
         args = build_parser().parse_args(command)
         assert args.redis == "redis://127.0.0.1:6379/0"
-        assert args.ice_server == ["stun:example.org:3478", "turn:example.org:3478?transport=udp"]
+        # UDP, and for networks that block it TCP, and TLS on 443.
+        assert args.ice_server == [
+            "stun:example.org:3478",
+            "turn:example.org:3478?transport=udp",
+            "turn:example.org:3478?transport=tcp",
+            "turns:example.org:443?transport=tcp",
+        ]
         configs[name] = config_from_args(args)  # accepted
     assert configs["gateway"].public_hosts == ("example.org",)
     assert {configs["worker-1"].port, configs["worker-2"].port} == {8081, 8082}

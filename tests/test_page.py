@@ -7,13 +7,10 @@ every request the page makes to another host is refused and fails the test.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,12 +18,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from aiohttp import web
 from PIL import Image
 
 from signaling.config import ServerConfig
-from signaling.server import build_app
-from wav2lip.animator import Animator
+from tests.conftest import free_port
+from tests.servers import serve_in_thread
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -56,52 +52,13 @@ MEASURE_FPS = """async (seconds) => {
 }"""
 
 
-@contextlib.contextmanager
-def serve_in_thread(config: ServerConfig) -> Iterator[str]:
-    """The server on 127.0.0.1 (a free port) with its own event loop on a background thread:
-    Playwright's sync API refuses to run in a thread whose asyncio loop is running."""
-    ready = threading.Event()
-    state: dict = {}
-
-    async def main() -> None:
-        runner = web.AppRunner(build_app(config, engine=Animator()))
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            state["stop"] = asyncio.Event()
-            state["loop"] = asyncio.get_running_loop()
-            state["port"] = runner.addresses[0][1]
-            ready.set()
-            await state["stop"].wait()
-        finally:
-            await runner.cleanup()
-
-    def run() -> None:
-        try:
-            asyncio.run(main())
-        except BaseException as exc:
-            state["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=run, name="page-test-server", daemon=True)
-    thread.start()
-    if not ready.wait(120) or "error" in state:
-        raise RuntimeError("the server did not start") from state.get("error")
-    try:
-        yield f"http://127.0.0.1:{state['port']}"
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # One session at most, so a second page meets a full server; an empty weights cache, so
     # faces are found with dlib whatever this machine has cached.
     config = ServerConfig(offline=True, max_sessions=1, cache=tmp_path_factory.mktemp("cache"))
-    with serve_in_thread(config) as url:
-        yield url
+    with serve_in_thread(config) as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +269,8 @@ def test_with_an_api_key_the_page_works_from_a_token_link(browser, tmp_path: Pat
     it says that an access link is needed."""
     key = "an operator key of 32 characters"
     config = ServerConfig(offline=True, max_sessions=1, cache=tmp_path, api_key=key)
-    with serve_in_thread(config) as url:
+    with serve_in_thread(config) as served:
+        url = served.url
         request = urllib.request.Request(
             f"{url}/api/tokens", method="POST", headers={"Authorization": f"Bearer {key}"}
         )
@@ -339,3 +297,90 @@ def test_with_an_api_key_the_page_works_from_a_token_link(browser, tmp_path: Pat
         assert _wait_for_sessions(url, 0)["sessions"] == 0  # the reload ended the call
         assert watch.errors == [] and watch.foreign == []
         watch.close()
+
+
+# Every RTCPeerConnection the page makes is kept for inspection, and relays only: as a browser
+# behind a firewall that lets no UDP through but to the TURN server would.
+RELAY_ONLY = """
+window.__pcs = [];
+const Native = window.RTCPeerConnection;
+window.RTCPeerConnection = function (config = {}) {
+  const pc = new Native({ ...config, iceTransportPolicy: "relay" });
+  window.__pcs.push(pc);
+  return pc;
+};
+window.RTCPeerConnection.prototype = Native.prototype;
+"""
+
+SELECTED_PAIR = """async () => {
+  const stats = await window.__pcs[0].getStats();
+  const byId = new Map([...stats.values()].map((s) => [s.id, s]));
+  const transport = [...stats.values()].find((s) => s.type === "transport");
+  const pair = byId.get(transport.selectedCandidatePairId);
+  return { local: byId.get(pair.localCandidateId).candidateType,
+           remote: byId.get(pair.remoteCandidateId).candidateType };
+}"""
+
+
+def test_a_browser_that_can_only_relay_connects_through_turn(browser, tmp_path: Path) -> None:
+    """Chromium with iceTransportPolicy "relay", through Debian's coturn: the page goes live,
+    and getStats shows the media on a relay pair."""
+    from tests.test_turn_policy import start_coturn
+
+    secret = "relay-test-secret"
+    options = [
+        "--fingerprint",
+        "--use-auth-secret",
+        f"--static-auth-secret={secret}",
+        "--realm=lipsync.test",
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        "--allow-loopback-peers",
+    ]  # fmt: skip - loopback only in this test, never deployed
+    coturn_run = start_coturn(options, tmp_path)
+    coturn = next(coturn_run)
+    try:
+        config = ServerConfig(
+            offline=True,
+            cache=tmp_path / "cache",
+            ice_servers=(f"turn:127.0.0.1:{coturn.port}?transport=udp",),
+            turn_secret=secret,
+        )
+        with serve_in_thread(config) as served:
+            context = browser.new_context(permissions=["microphone"])
+            context.add_init_script(RELAY_ONLY)
+            page = context.new_page()
+            page.goto(served.url)
+            page.wait_for_selector("body[data-state=idle]")
+            page.get_by_test_id("start").click()
+            page.wait_for_selector("body[data-state=live]", timeout=LIVE_TIMEOUT_MS)
+            assert page.evaluate(SELECTED_PAIR)["local"] == "relay"
+            context.close()
+    finally:
+        coturn_run.close()
+
+
+@pytest.mark.parametrize(
+    ("turn", "says"),
+    [(None, "offers no TURN relay"), ("closed", "TURN relay could not be reached")],
+)
+def test_the_page_says_why_ice_failed(browser, tmp_path: Path, turn, says) -> None:
+    """A browser that may only relay, and a server with no TURN server, or one nobody
+    answers at: the page says which."""
+    ice = {}
+    if turn == "closed":
+        ice = {"ice_servers": (f"turn:127.0.0.1:{free_port()}?transport=udp",),
+               "turn_secret": "s"}  # fmt: skip
+    config = ServerConfig(offline=True, cache=tmp_path / "cache", **ice)
+    with serve_in_thread(config) as served:
+        context = browser.new_context(permissions=["microphone"])
+        context.add_init_script(RELAY_ONLY)
+        page = context.new_page()
+        page.goto(served.url)
+        page.wait_for_selector("body[data-state=idle]")
+        page.get_by_test_id("start").click()
+        page.wait_for_selector("body[data-state=failed]", timeout=60_000)
+        status = page.get_by_test_id("status").inner_text()
+        assert says in status, status
+        context.close()

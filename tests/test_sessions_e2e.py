@@ -17,7 +17,7 @@ from wav2lip.animator import Animator
 
 pytestmark = pytest.mark.slow
 
-SILENCE = 2.0  # seconds before and after the speech
+SILENCE = 3.0  # seconds before and after the speech (a slow first start loses some)
 
 
 def _speech_with_silence(speech: np.ndarray) -> np.ndarray:
@@ -131,7 +131,7 @@ async def test_speech_moves_the_mouth_in_sync(faces_dir, speech_16k) -> None:
     # Everything the session held is gone.
     assert health["sessions"] == 0
     assert session.closed and not session._tasks and session.face is None
-    assert session.video_track.readyState == "ended"
+    assert session.tracks and all(track.readyState == "ended" for track in session.tracks)
     assert manager.scheduler.pending() == 0
 
 

@@ -91,6 +91,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 POLICY_OPTIONS = ("--denied-peer-ip", "--no-multicast-peers")
 # Options a test on loopback must set itself; the compose file's values are replaced.
 REPLACED_OPTIONS = ("--listening-port", "--min-port", "--max-port")
+# TLS (on 443, with the deployment's certificate) is left out: the policy is the same for it.
+DROPPED_OPTIONS = ("--tls-listening-port", "--cert", "--pkey")
 
 
 def _option(arg: str) -> str:
@@ -216,7 +218,8 @@ def _error(response: stun.Message) -> str:
     return f"error {code} {reason!r}"
 
 
-def _start(command: list[str], directory: Path) -> Iterator[Coturn]:
+def start_coturn(command: list[str], directory: Path) -> Iterator[Coturn]:
+    """coturn with `command` (its options), on loopback, with its ports, log and files here."""
     turnserver = shutil.which("turnserver")
     if turnserver is None:
         pytest.fail("coturn's turnserver is not installed; scripts/test.sh installs it (coturn)")
@@ -228,7 +231,8 @@ def _start(command: list[str], directory: Path) -> Iterator[Coturn]:
     log = directory / "turnserver.log"
     argv = [
         turnserver,
-        *(arg for arg in command if _option(arg) not in REPLACED_OPTIONS),
+        *(arg for arg in command if _option(arg) not in REPLACED_OPTIONS + DROPPED_OPTIONS),
+        "--no-tls",
         # Loopback only, IPv4 and IPv6; an IPv6 client gets an IPv6 relay.
         "--listening-ip=127.0.0.1",
         "--listening-ip=::1",
@@ -285,14 +289,14 @@ def _wait_until_answering(coturn: Coturn) -> None:
 @pytest.fixture(scope="module")
 def compose_coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
     """coturn with the compose file's options."""
-    yield from _start(compose_command(), tmp_path_factory.mktemp("coturn"))
+    yield from start_coturn(compose_command(), tmp_path_factory.mktemp("coturn"))
 
 
 @pytest.fixture(scope="module")
 def control_coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
     """coturn with the compose file's options except its relay policy."""
     command = [arg for arg in compose_command() if _option(arg) not in POLICY_OPTIONS]
-    yield from _start(command, tmp_path_factory.mktemp("coturn-control"))
+    yield from start_coturn(command, tmp_path_factory.mktemp("coturn-control"))
 
 
 @contextlib.contextmanager
