@@ -124,7 +124,9 @@ export class LipSyncCall extends EventTarget {
       }
       if (message.type === "stats") this.#emit("stats", message);
       else if (message.type === "speaking") this.#emit("speaking", message);
-      else if (message.type === "error") this.#serverError = message;
+      // Only an error that ends the session explains its end; others (a bad control
+      // message, say) leave the session going.
+      else if (message.type === "error" && message.fatal) this.#serverError = message;
     });
     // The server closes the channel when it ends the session (idle timeout, shutdown, or a
     // failure it announced with an `error` event just before).

@@ -23,9 +23,10 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from rtc_server.avatars import Avatar
 from rtc_server.metrics import MediaMetrics
-from rtc_server.offers import CALLER, VIEWER, BadOffer, for_ice, read_offer
+from rtc_server.offers import CALLER, PUSHER, VIEWER, BadOffer, for_ice, read_offer
 from rtc_server.scheduler import HEADROOM, InferenceScheduler
 from rtc_server.session import Session, SessionOptions
+from wav2lip import audio as mel
 from wav2lip.engine import MouthEngine
 from wav2lip.threads import name_this_thread
 
@@ -54,6 +55,7 @@ class ManagerOptions:
     max_batch: int
     peer_timeout: float  # seconds without a packet from the peer before it counts as gone
     min_fps: float  # inferred frames a second every session must still get; 0: no check
+    push_buffer: float = 60.0  # seconds of pushed audio a session may hold
 
 
 class SessionManager:
@@ -88,6 +90,7 @@ class SessionManager:
         executor = ThreadPoolExecutor(initializer=name_this_thread, initargs=("executor",))
         asyncio.get_running_loop().set_default_executor(executor)
         self.scheduler.start()
+        await asyncio.to_thread(mel.prepare)
         await self.scheduler.warmed_up()
 
     def capacity(self) -> int:
@@ -114,9 +117,17 @@ class SessionManager:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
         await asyncio.to_thread(self.scheduler.stop)
 
-    async def create(self, session_id: str, sdp: str, avatar: Avatar, kind: str = CALLER) -> str:
-        """Answer an offer (of a caller, or an ingest: `rtc_server.offers`) with a new
-        session of this id; returns the answer's SDP."""
+    async def create(
+        self,
+        session_id: str,
+        sdp: str,
+        avatar: Avatar,
+        kind: str = CALLER,
+        push_rate: int | None = None,
+    ) -> str:
+        """Answer an offer (of a caller, a pusher or an ingest: `rtc_server.offers`) with a
+        new session of this id; returns the answer's SDP. A pusher's audio comes at
+        `push_rate`."""
         try:
             self._admit()
         except (SessionsFull, MediaFailed) as exc:
@@ -143,6 +154,8 @@ class SessionManager:
                 bitrate=self.options.bitrate,
                 send_audio=offer.receives_audio,
                 peer_timeout=self.options.peer_timeout,
+                push_rate=push_rate if kind == PUSHER else None,
+                push_buffer=self.options.push_buffer,
             ),
             self._forget,
             self.metrics,
@@ -188,13 +201,16 @@ class SessionManager:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if not (track.kind == "audio" and session.attach_microphone(track)):
+            pushed = session.pushed is not None  # a pusher's microphone, if any, is unused
+            if pushed or not (track.kind == "audio" and session.attach_microphone(track)):
                 sink.addTrack(track)
 
         @pc.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
             if channel.label == "events":
                 session.attach_events(channel)
+            elif channel.label == "audio":
+                session.attach_pushed_audio(channel)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:

@@ -1,9 +1,11 @@
 """What an offer asks of a session, checked before anything is set up for it.
 
-Three kinds of peer make offers:
+Four kinds of peer make offers:
 
 - a caller (the page, the Python client) sends the microphone and receives the video, and
   the returned audio if it wants it;
+- a pusher (a voice agent) pushes its audio on a data channel instead: its offer receives
+  the video (and the audio, if it wants it) and has a data channel; it need not send audio;
 - an ingest (a WHIP encoder) only sends audio: its video is for viewers;
 - a viewer (WHEP) only receives the video, and the audio if it wants it.
 
@@ -23,12 +25,13 @@ from dataclasses import dataclass
 
 from aiortc.sdp import SessionDescription
 
-CALLER, INGEST, VIEWER = "caller", "ingest", "viewer"
+CALLER, PUSHER, INGEST, VIEWER = "caller", "pusher", "ingest", "viewer"
 SENDS = ("sendrecv", "sendonly")
 RECEIVES = ("sendrecv", "recvonly")
 # The m-lines each kind may have.
 USABLE = {
     CALLER: {"audio": 1, "video": 1, "application": 1},
+    PUSHER: {"audio": 1, "video": 1, "application": 1},
     INGEST: {"audio": 1, "video": 0, "application": 1},
     VIEWER: {"audio": 1, "video": 1, "application": 0},
 }
@@ -69,8 +72,11 @@ def read_offer(sdp: str, kind: str) -> Offer:
     )
     if kind in (CALLER, INGEST) and not offer.sends_audio:
         raise BadOffer("the offer must send an audio track (the microphone)")
-    if kind == CALLER and not offer.receives_video:
+    if kind in (CALLER, PUSHER) and not offer.receives_video:
         raise BadOffer("the offer must receive a video track (add a recvonly video transceiver)")
+    if kind == PUSHER and not any(m.kind == "application" for m in description.media):
+        raise BadOffer('a pushed-audio offer needs its data channels (labelled "audio" and '
+                       '"events")')  # fmt: skip
     if kind == VIEWER and (not offer.receives_video or audio in ("sendonly", "sendrecv")):
         raise BadOffer("a viewer's offer must receive video (recvonly) and send nothing")
     return offer

@@ -10,6 +10,12 @@ its own did not arrive in time; the `ReturnedAudioTrack` sends the same audio on
 Several receivers may take the same video and audio: the peer that sends the microphone, and
 viewers (WHEP). Each has its own tracks, paced by the one clock; a frame is made once and
 handed to each receiver that asks for its index, so a viewer costs its encoding, not inference.
+
+Instead of a microphone, a program may push its audio (`PushedAudio`, on the `audio` data
+channel), and control playback on the `events` channel: `clear_buffer` drops everything not
+yet shown (the frames already made for it too: the face rests, the returned audio falls
+silent), `end_of_segment` closes an utterance; the session says when each one's first and last
+frames went out.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from rtc_server.avatars import Avatar
 from rtc_server.clock import VIDEO_FRAME_SECONDS, SessionClock
 from rtc_server.metrics import MediaMetrics
 from rtc_server.microphone import Microphone
+from rtc_server.pushed import Overfull, PushedAudio
 from rtc_server.scheduler import InferenceScheduler
 from rtc_server.timeline import SAMPLE_RATE, AudioTimeline
 from rtc_server.tracks import (
@@ -75,6 +82,8 @@ class SessionOptions:
     bitrate: int  # initial video bitrate, bits per second
     send_audio: bool  # whether the peer accepts the returned audio
     peer_timeout: float  # seconds without any packet from the peer before it counts as gone
+    push_rate: int | None = None  # pushed audio's sample rate, when the input is pushed
+    push_buffer: float = 60.0  # seconds of pushed audio that may wait to be played
 
 
 class Session:
@@ -110,7 +119,9 @@ class Session:
         self._next_frame = 0  # next video frame to submit
         self._ready: dict[int, av.VideoFrame] = {}
         self._sent_upto = 0  # frames below this were sent already; late results are dropped
-        self._last_frame = self._to_video_frame(photo.image)
+        self._resting = self._to_video_frame(photo.image)  # the photo as it is
+        self._last_frame = self._resting
+        self._rest = range(0)  # frames shown as the resting face: their audio was cleared
         self._shown_index = -1  # the index of the frame last handed out
         self._shown_arrival: float | None = None  # when the shown mouth's audio arrived
         self._audio_event = asyncio.Event()
@@ -118,7 +129,19 @@ class Session:
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=500)
         self._tasks: list[asyncio.Task[None]] = []
         self._microphone: Microphone | None = None
+        self.pushed = (
+            PushedAudio(
+                options.push_rate,
+                self._timeline,
+                self._audio_time,
+                self._on_audio,
+                options.push_buffer,
+            )
+            if options.push_rate
+            else None
+        )
         self._events: RTCDataChannel | None = None
+        self._last_control = time.monotonic()
         self._video_senders: list[RTCRtpSender] = []  # whose encoders still need the bitrate
         self.viewers: dict[str, RTCPeerConnection] = {}
         self.tracks: list[MediaStreamTrack] = []  # every receiver's, stopped with the session
@@ -160,7 +183,7 @@ class Session:
         saying why, then the connection closes."""
         if self.closed or self._closing is not None:
             return
-        self._send({"type": "error", "code": code, "message": message})
+        self._send({"type": "error", "code": code, "message": message, "fatal": True})
         self._closing = asyncio.create_task(self._close_after_flush())
 
     async def _close_after_flush(self) -> None:
@@ -200,6 +223,8 @@ class Session:
         self.clock.start()
         self._spawn(self._produce(), "produce")
         self._spawn(self._report(), "report")
+        if self.pushed is not None:
+            self._spawn(self.pushed.run(), "pushed audio")
 
     def attach_microphone(self, track: MediaStreamTrack) -> bool:
         """Take the peer's first audio track as the microphone; False if there is one already
@@ -212,6 +237,65 @@ class Session:
 
     def attach_events(self, channel: RTCDataChannel) -> None:
         self._events = channel
+        channel.on("message", self._on_control)
+
+    def attach_pushed_audio(self, channel: RTCDataChannel) -> None:
+        """The `audio` channel of a session whose input is pushed."""
+        channel.on("message", self._on_pushed)
+
+    def _on_pushed(self, message: bytes | str) -> None:
+        if self.pushed is None:
+            return
+        if isinstance(message, str):
+            self._warn("bad_audio", "the audio channel takes binary PCM s16le, not text")
+            return
+        try:
+            self.pushed.push(message)
+        except Overfull as exc:
+            self._warn("buffer_full", str(exc))
+
+    def _on_control(self, message: bytes | str) -> None:
+        """A message on the events channel: clear_buffer or end_of_segment. Anything else is
+        answered with an error event, and the session goes on."""
+        self._last_control = time.monotonic()
+        try:
+            request = json.loads(message)
+            kind = request.get("type") if isinstance(request, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            kind = None
+        if kind == "clear_buffer":
+            self.clear_buffer()
+        elif kind == "end_of_segment":
+            if self.pushed is not None:
+                self.pushed.end_segment()
+        else:
+            self._warn(
+                "bad_message",
+                'the events channel takes JSON {"type": "clear_buffer"} or '
+                f'{{"type": "end_of_segment"}}; not {str(message)[:80]!r}',
+            )
+
+    def clear_buffer(self) -> None:
+        """Drop everything not yet shown: the pushed audio still waiting, and what is already
+        on the timeline beyond the frames sent. Those frames show the resting face, made or
+        not, and the returned audio is silent from the next 20 ms on."""
+        first = self._shown_index + 1
+        cleared_end = self._timeline.written_end
+        self._rest = range(first, max(first, -(-cleared_end // SAMPLES_PER_VIDEO_FRAME)))
+        for index in [k for k in self._ready if k >= first]:
+            del self._ready[index]
+        self._scheduler.forget(self)  # what waits to be inferred was made from that audio
+        out = self._timeline.position("out")
+        self._timeline.silence_from(min(out, first * SAMPLES_PER_VIDEO_FRAME))
+        for start in [k for k in self._audio_chunks if k >= out]:
+            del self._audio_chunks[start]
+        if self.pushed is not None:
+            for event in self.pushed.interrupt(first * SAMPLES_PER_VIDEO_FRAME):
+                self._send(event)
+
+    def _warn(self, code: str, message: str) -> None:
+        """An error event for the peer, after which the session goes on."""
+        self._send({"type": "error", "code": code, "message": message, "fatal": False})
 
     def _audio_time(self) -> float:
         """Where arriving audio goes: audio before the clock starts is placed at its start."""
@@ -292,6 +376,8 @@ class Session:
 
     def deliver(self, index: int, frame: av.VideoFrame, infer_seconds: float) -> None:
         self._infer_ms.append(infer_seconds * 1000)
+        if index in self._rest:  # made from audio that was cleared meanwhile
+            return
         if index < self._sent_upto:  # too late: its slot went out as a repeat
             self.skipped += 1
             return
@@ -320,13 +406,23 @@ class Session:
         if index <= self._shown_index:
             return self._last_frame
         self._shown_index = index
+        self._sent_upto = index + 1
+        if self.pushed is not None:
+            for event in self.pushed.playback_events((index + 1) * SAMPLES_PER_VIDEO_FRAME):
+                self._send(event)
         frame = self._ready.pop(index, None)
         for stale in [k for k in self._ready if k < index]:
             del self._ready[stale]
-        self._sent_upto = index + 1
         arrival = self._arrival_of(index * SAMPLES_PER_VIDEO_FRAME)
-        fresh = frame is not None
-        if frame is None:
+        fresh = frame is not None and index not in self._rest
+        if index in self._rest:
+            # Its audio was cleared: the resting face, in a frame of its own (with its own
+            # pts) copied from the one made at the start.
+            resting = self._resting.to_ndarray()
+            frame = self._last_frame = av.VideoFrame.from_ndarray(resting, format="yuv420p")
+            self._repeat_run = 0
+            self._shown_arrival = None
+        elif frame is None:
             self.repeated += 1
             self._repeat_run += 1
             self.longest_repeat_run = max(self.longest_repeat_run, self._repeat_run)
@@ -442,7 +538,11 @@ class Session:
             count = await self._packets_received()
             if count != received:
                 received, heard = count, now
-            last_media = self._microphone.last_media if self._microphone else created
+            last_media = max(
+                self._microphone.last_media if self._microphone else created,
+                self.pushed.last_message if self.pushed else created,
+                self._last_control,
+            )
             started = self.clock.started.is_set()
             if not started and now - created > CONNECT_TIMEOUT:
                 gone, why = True, f"the connection did not come up within {CONNECT_TIMEOUT:g} s"

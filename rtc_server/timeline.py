@@ -42,6 +42,11 @@ class AudioTimeline:
         self._data[start - self._base : end - self._base] = samples
         self.written_end = max(self.written_end, end)
 
+    def silence_from(self, start: int) -> None:
+        """Drop what was written from `start` on: it reads as silence, until written again."""
+        self._data[max(0, start - self._base) :] = 0
+        self.written_end = min(self.written_end, max(start, self._base))
+
     def position(self, reader: str) -> int:
         return self._positions[reader]
 

@@ -45,6 +45,7 @@ class WorkerSettings:
     idle_timeout: float = 30.0
     bitrate: int = 1_500_000
     delay: float | None = None  # seconds; None: the engine's default
+    push_buffer: float = 60.0  # seconds of pushed audio a session may hold
     photo_limits: PhotoLimits = field(default_factory=PhotoLimits)
     avatar_limit: int = 32
     weights_cache: Path | None = None  # where S3FD's weights may be cached
@@ -72,6 +73,7 @@ class Worker:
                 max_batch=max_batch(engine),
                 peer_timeout=settings.peer_timeout,
                 min_fps=settings.min_fps,
+                push_buffer=settings.push_buffer,
             ),
             rtc_configuration,
             self.metrics,
@@ -137,6 +139,7 @@ class Worker:
         avatar_id: str,
         photo: bytes | None = None,
         kind: str = CALLER,
+        push_rate: int | None = None,
     ) -> str:
         """The answer to an offer; AvatarNeeded if the photo must come along."""
         avatar = self.avatars.get(avatar_id)
@@ -144,7 +147,7 @@ class Worker:
             if photo is None:
                 raise AvatarNeeded(avatar_id)
             avatar = await self.avatars.analyse(avatar_id, photo)
-        return await self.manager.create(session_id, sdp, avatar, kind)
+        return await self.manager.create(session_id, sdp, avatar, kind, push_rate)
 
     async def end_session(self, session_id: str) -> bool:
         return await self.manager.close(session_id)

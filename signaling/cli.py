@@ -1,5 +1,5 @@
 """The `lipsync` command: serve (one process, or a front door with workers), gateway, worker,
-render and manage weights.
+call a server, render and manage weights.
 
 Argument parsing lives here and only here; each subcommand calls into the library.
 """
@@ -83,6 +83,7 @@ SAME_NAME = (
     "host", "port", "max_sessions", "video_bitrate", "turn_secret", "turn_ttl", "tls_cert",
     "tls_key", "offline", "checkpoint", "cache", "device", "trust_checkpoint", "token_ttl",
     "request_timeout", "max_concurrent_uploads", "peer_timeout", "min_fps", "shutdown_grace",
+    "push_buffer",
 )  # fmt: skip
 
 
@@ -245,6 +246,44 @@ def _worker(args: argparse.Namespace) -> int:
     return serve_worker(app, config, args.redis, args.dead_after)
 
 
+def _call(args: argparse.Namespace) -> int:
+    """`lipsync call`: client/call.py, with a progress bar and the figures printed."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from client.call import CallError, call
+
+    token = args.token or os.environ.get(API_KEY_VARIABLE)
+    with tqdm(
+        total=1.0, unit="s", disable=args.quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s"
+    ) as bar:
+
+        def progress(done: float, total: float) -> None:
+            bar.total = round(total, 1)
+            bar.n = round(done, 1)
+            bar.refresh()
+
+        try:
+            result = asyncio.run(
+                call(args.server, args.audio, face=args.face, output=args.output,
+                     push=args.push, token=token, progress=progress)
+            )  # fmt: skip
+        except CallError as exc:
+            raise UsageError(str(exc)) from None
+    figures = result.figures
+    print(f"session {result.session_id}: {result.frames} frames in {result.seconds:.1f} s")
+    if figures:
+        get = figures.get
+        print(
+            f"  delivered {get('delivered_fps')} fps, inferred {get('generated_fps')} fps, "
+            f"lag {get('lag_ms')} ms (p95 {get('lag_p95_ms')}), engine {get('engine')}"
+        )
+    if result.output is not None:
+        print(f"  wrote {result.output}")
+    return 0
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -372,6 +411,12 @@ def _add_media(parser: argparse.ArgumentParser) -> None:
             type=float,
             help="seconds from audio arrival to its frame (default: by engine)",
         ),
+        media.add_argument(
+            "--push-buffer",
+            type=float,
+            default=60.0,
+            help="seconds of pushed audio a session holds (a voice agent's TTS)",
+        ),
     ]
     parser.set_defaults(media_actions=actions)
 
@@ -427,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat (one a second) before gateways count it dead",
     )
     worker.set_defaults(run=_then_exit(_worker))
+
+    call = commands.add_parser("call", help="call a server: stream an audio file, record the video")
+    call.add_argument("--server", required=True, metavar="URL", help="http://127.0.0.1:8080")
+    call.add_argument("--audio", type=Path, required=True, help="any audio PyAV can decode")
+    call.add_argument("--face", type=Path, help="a photo to upload (default: the server's)")
+    call.add_argument("-o", "--output", type=Path, help="record the video and audio to this MP4")
+    call.add_argument(
+        "--push", action="store_true", help="push the audio, as a voice agent does (not real time)"
+    )
+    call.add_argument("--token", help=f"the server's API key or a token; also ${API_KEY_VARIABLE}")
+    call.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    call.set_defaults(run=_call)
 
     render = commands.add_parser("render", help="render a photo speaking an audio file to MP4")
     render.add_argument("--face", type=Path, required=True, help="photo of a face")

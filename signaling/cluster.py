@@ -50,6 +50,18 @@ class AvatarNeeded(Exception):
 
 
 @dataclass(frozen=True)
+class SessionSpec:
+    """What a new session is to be: the offer, the avatar shown, and how audio comes in:
+    `kind` "caller" (a microphone), "pusher" (audio pushed on a data channel, at
+    `push_rate`) or "ingest" (WHIP: a microphone, no video back)."""
+
+    sdp: str
+    avatar_id: str
+    kind: str = "caller"
+    push_rate: int | None = None
+
+
+@dataclass(frozen=True)
 class Analysis:
     """A photo as a worker analysed it: `{"id", "width", "height", "face": {"box"}}` and the
     preview JPEG (the video frame with the face box drawn)."""
@@ -68,11 +80,8 @@ class WorkerClient(Protocol):
 
     async def analyse(self, avatar_id: str, photo: bytes) -> Analysis: ...
 
-    async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None, kind: str
-    ) -> str:
-        """`kind`: "caller" (sends the microphone, receives the video) or "ingest" (only
-        sends audio: WHIP)."""
+    async def create_session(self, session_id: str, spec: SessionSpec, photo: bytes | None) -> str:
+        """The answer to the offer; the photo goes along if the worker asked for it."""
         ...
 
     async def end_session(self, session_id: str) -> bool: ...
@@ -329,10 +338,13 @@ class HttpWorker:
     async def analyse(self, avatar_id: str, photo: bytes) -> Analysis:
         return _analysis((await self._call("PUT", f"/internal/avatars/{avatar_id}", data=photo))[1])
 
-    async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None, kind: str
-    ) -> str:
-        body: dict[str, Any] = {"sdp": sdp, "avatar": avatar_id, "kind": kind}
+    async def create_session(self, session_id: str, spec: SessionSpec, photo: bytes | None) -> str:
+        body: dict[str, Any] = {
+            "sdp": spec.sdp,
+            "avatar": spec.avatar_id,
+            "kind": spec.kind,
+            "push_rate": spec.push_rate,
+        }
         if photo is not None:
             body["photo"] = base64.b64encode(photo).decode("ascii")
         _, answer = await self._call("PUT", f"/internal/sessions/{session_id}", json=body)

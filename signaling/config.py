@@ -68,6 +68,8 @@ class ServerConfig:
     min_fps: float = 20.0
     # Seconds that SIGTERM gives sessions and requests before the process exits.
     shutdown_grace: float = 10.0
+    # Seconds of pushed audio (a voice agent's) a session holds before refusing more.
+    push_buffer: float = 60.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ice_servers", tuple(self.ice_servers))
@@ -90,6 +92,7 @@ class ServerConfig:
             "--max-concurrent-uploads": self.max_concurrent_uploads,
             "--peer-timeout": self.peer_timeout,
             "--shutdown-grace": self.shutdown_grace,
+            "--push-buffer": self.push_buffer,
         }
         for flag, value in positive.items():
             if value <= 0:

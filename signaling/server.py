@@ -65,6 +65,7 @@ def worker_settings(config: ServerConfig, delay: float | None) -> WorkerSettings
         ),
         avatar_limit=config.avatar_limit,
         weights_cache=config.cache,
+        push_buffer=config.push_buffer,
     )
 
 

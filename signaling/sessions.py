@@ -11,13 +11,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
 
 from aiohttp import web
 
 from signaling.avatars import AVATARS, DEFAULT_ID
 from signaling.bodies import read_json_object
-from signaling.cluster import AvatarNeeded, Cluster, WorkerUnavailable, summarize
+from signaling.cluster import (
+    AvatarNeeded,
+    Cluster,
+    SessionSpec,
+    WorkerUnavailable,
+    summarize,
+)
 from signaling.config import CONFIG
 from signaling.errors import ApiError
 from signaling.metrics import METRICS
@@ -33,9 +38,14 @@ CLUSTER = web.AppKey("cluster", Cluster)
 routes = web.RouteTableDef()
 
 
-async def _offer(request: web.Request) -> dict[str, Any]:
+OFFER_SHAPE = '{sdp, type: "offer", avatar?, input?: "microphone" or "push", sample_rate?}'
+PUSH_RATES = (16_000, 24_000, 48_000)
+
+
+async def _offer(request: web.Request) -> SessionSpec:
+    """What the session is to be, from the request's JSON; 400 naming what is wrong."""
     timeout = request.app[CONFIG].request_timeout
-    body = await read_json_object(request, timeout, "{sdp, type, avatar?}")
+    body = await read_json_object(request, timeout, OFFER_SHAPE)
     if not isinstance(body.get("sdp"), str) or not body["sdp"].strip():
         raise ApiError(400, "bad_offer", '"sdp" must be the offer\'s SDP text')
     if body.get("type") != "offer":
@@ -43,21 +53,26 @@ async def _offer(request: web.Request) -> dict[str, Any]:
     avatar = body.get("avatar", DEFAULT_ID)
     if not isinstance(avatar, str):
         raise ApiError(400, "bad_avatar", '"avatar" must be an avatar id string')
-    return body
+    pushed = body.get("input", "microphone")
+    if pushed not in ("microphone", "push"):
+        raise ApiError(400, "bad_input", '"input" must be "microphone" or "push"')
+    rate = body.get("sample_rate", PUSH_RATES[0])
+    if pushed == "push" and (type(rate) is not int or rate not in PUSH_RATES):
+        raise ApiError(400, "bad_sample_rate", f'"sample_rate" must be one of {PUSH_RATES}')
+    if pushed == "push":
+        return SessionSpec(body["sdp"], avatar, "pusher", rate)
+    return SessionSpec(body["sdp"], avatar)
 
 
 @routes.post("/api/sessions")
 async def create_session(request: web.Request) -> web.Response:
-    body = await _offer(request)
-    session_id, answer = await start_session(request, body["sdp"], body.get("avatar", DEFAULT_ID))
+    session_id, answer = await start_session(request, await _offer(request))
     return web.json_response({"id": session_id, "sdp": answer, "type": "answer"}, status=201)
 
 
-async def start_session(
-    request: web.Request, sdp: str, avatar_id: str, kind: str = "caller"
-) -> tuple[str, str]:
-    """A new session showing the avatar, placed on a worker: its id and the answer's SDP.
-    `kind`: a caller's offer (the page's), or an ingest's (WHIP)."""
+async def start_session(request: web.Request, spec: SessionSpec) -> tuple[str, str]:
+    """A new session as `spec` says, placed on a worker: its id and the answer's SDP."""
+    avatar_id = spec.avatar_id
     if await request.app[AVATARS].get(avatar_id) is None:
         raise ApiError(
             404, "avatar_not_found", f"no avatar {avatar_id!r}: upload it with POST /api/avatars"
@@ -65,7 +80,7 @@ async def start_session(
     metrics = request.app[METRICS]
     started = time.monotonic()
     try:
-        placed = await place(request, sdp, avatar_id, kind)
+        placed = await place(request, spec)
     except ApiError as exc:
         metrics.sessions_refused.labels(exc.code).inc()
         raise
@@ -74,9 +89,7 @@ async def start_session(
     return placed
 
 
-async def place(
-    request: web.Request, sdp: str, avatar_id: str, kind: str = "caller"
-) -> tuple[str, str]:
+async def place(request: web.Request, spec: SessionSpec) -> tuple[str, str]:
     """Reserve a slot, hand the offer to its worker (with the photo if it lacks it); the
     session's id and the answer."""
     cluster, metrics = request.app[CLUSTER], request.app[METRICS]
@@ -89,14 +102,14 @@ async def place(
         worker_id, worker = reserved
         try:
             try:
-                answer = await worker.create_session(session_id, sdp, avatar_id, None, kind)
+                answer = await worker.create_session(session_id, spec, None)
             except AvatarNeeded:
-                photo = await request.app[AVATARS].store.photo(avatar_id)
+                photo = await request.app[AVATARS].store.photo(spec.avatar_id)
                 if photo is None:
                     raise ApiError(
-                        404, "avatar_not_found", f"no avatar {avatar_id!r}: upload it again"
+                        404, "avatar_not_found", f"no avatar {spec.avatar_id!r}: upload it again"
                     ) from None
-                answer = await worker.create_session(session_id, sdp, avatar_id, photo, kind)
+                answer = await worker.create_session(session_id, spec, photo)
         except WorkerUnavailable as exc:
             log.warning("worker %s unreachable (%s); trying another", worker_id, exc)
             metrics.placements.labels("unreachable").inc()

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from signaling.avatars import DEFAULT_ID
 from signaling.bodies import JSON_LIMIT, receive
-from signaling.cluster import WorkerUnavailable
+from signaling.cluster import SessionSpec, WorkerUnavailable
 from signaling.config import CONFIG
 from signaling.errors import ApiError
 from signaling.ice import ice_servers
@@ -80,7 +80,7 @@ def _answer(request: web.Request, answer: str, location: str) -> web.Response:
 
 async def _whip(request: web.Request, avatar_id: str) -> web.Response:
     sdp = await _read_sdp(request)
-    session_id, answer = await start_session(request, sdp, avatar_id, kind="ingest")
+    session_id, answer = await start_session(request, SessionSpec(sdp, avatar_id, "ingest"))
     return _answer(request, answer, f"/whip/{session_id}")
 
 

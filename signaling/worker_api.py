@@ -23,7 +23,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rtc_server.avatars import Avatar, PhotoError
 from rtc_server.manager import MediaFailed, SessionsFull
-from rtc_server.offers import CALLER, INGEST, BadOffer
+from rtc_server.offers import CALLER, INGEST, PUSHER, BadOffer
+from rtc_server.pushed import RATES as PUSH_RATES
 from rtc_server.worker import AvatarNeeded, Worker
 from signaling import cluster
 from signaling.bodies import read_json_object, receive
@@ -89,10 +90,12 @@ class InProcess:
             raise api_error(exc) from None
 
     async def create_session(
-        self, session_id: str, sdp: str, avatar_id: str, photo: bytes | None, kind: str
+        self, session_id: str, spec: cluster.SessionSpec, photo: bytes | None
     ) -> str:
         try:
-            return await self.worker.create_session(session_id, sdp, avatar_id, photo, kind)
+            return await self.worker.create_session(
+                session_id, spec.sdp, spec.avatar_id, photo, spec.kind, spec.push_rate
+            )
         except AvatarNeeded:
             raise cluster.AvatarNeeded() from None
         except (PhotoError, SessionsFull, MediaFailed, BadOffer) as exc:
@@ -189,11 +192,15 @@ async def _read_photo(request: web.Request) -> bytes:
 @routes.put("/internal/sessions/{session_id}")
 async def create_session(request: web.Request) -> web.Response:
     body = await read_json_object(
-        request, INTERNAL_TIMEOUT, "{sdp, avatar, kind?, photo?}", INTERNAL_BODY_LIMIT
+        request, INTERNAL_TIMEOUT, "{sdp, avatar, kind?, push_rate?, photo?}", INTERNAL_BODY_LIMIT
     )
     kind = body.get("kind", CALLER)
-    if kind not in (CALLER, INGEST):
-        raise ApiError(400, "bad_kind", f'"kind" must be "{CALLER}" or "{INGEST}"')
+    if kind not in (CALLER, PUSHER, INGEST):
+        raise ApiError(400, "bad_kind", f'"kind" must be "{CALLER}", "{PUSHER}" or "{INGEST}"')
+    rate = body.get("push_rate")
+    if kind == PUSHER and (type(rate) is not int or rate not in PUSH_RATES):
+        raise ApiError(400, "bad_push_rate", f'"push_rate" must be one of {PUSH_RATES}')
+    spec = cluster.SessionSpec(str(body["sdp"]), str(body["avatar"]), kind, rate)
     photo = None
     if "photo" in body:
         try:
@@ -202,7 +209,7 @@ async def create_session(request: web.Request) -> web.Response:
             raise ApiError(400, "bad_photo", '"photo" must be base64') from None
     try:
         answer = await InProcess(request.app[WORKER]).create_session(
-            request.match_info["session_id"], str(body["sdp"]), str(body["avatar"]), photo, kind
+            request.match_info["session_id"], spec, photo
         )
     except cluster.AvatarNeeded:
         raise ApiError(409, "avatar_needed", "send the photo along") from None

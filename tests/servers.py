@@ -1,13 +1,16 @@
-"""A real server on a thread of its own, for tests that drive it from synchronous code
-(Playwright's sync API, Marionette, other programs) and may look inside it."""
+"""A real one-process server with the animator on 127.0.0.1 (a free port), for tests: on the
+test's own event loop (`serving`), or on a thread of its own for tests that drive it from
+synchronous code (Playwright's sync API, Marionette, other programs); either may look inside
+it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -21,6 +24,22 @@ from wav2lip.animator import Animator
 class Served:
     url: str
     app: web.Application
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    engine: Any = None, **settings: Any
+) -> AsyncIterator[tuple[web.Application, str]]:
+    """The server on this event loop: its app and its URL. `engine` replaces the animator."""
+    config = ServerConfig(offline=True, **settings)
+    app = build_app(config, engine=Animator() if engine is None else engine)
+    runner = app_runner(app, config)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.contextmanager

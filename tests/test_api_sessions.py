@@ -59,6 +59,10 @@ async def test_bad_session_requests(server) -> None:
             (dict(body={"sdp": "v=0\r\nm=audio x", "type": "offer"}), 400),
             (dict(body={"sdp": sdp, "type": "offer", "avatar": "nope"}), 404),
             (dict(body={"sdp": sdp, "type": "offer", "avatar": 7}), 400),
+            (dict(body={"sdp": sdp, "type": "offer", "input": "speaker"}), 400),
+            (dict(body={"sdp": sdp, "type": "offer", "input": "push", "sample_rate": 44100}), 400),
+            (dict(body={"sdp": sdp, "type": "offer", "input": "push", "sample_rate": "24k"}), 400),
+            (dict(body={"sdp": sdp, "type": "offer", "input": "push", "sample_rate": 16e3}), 400),
         ]
         for kwargs, status in cases:
             got, payload, _ = await _post(http, server, **kwargs)
@@ -67,6 +71,10 @@ async def test_bad_session_requests(server) -> None:
         no_audio_pc, no_audio = await _offer(audio="recvonly")
         got, payload, _ = await _post(http, server, body={"sdp": no_audio, "type": "offer"})
         assert got == 400 and "audio" in payload["error"]["message"]
+        got, payload, _ = await _post(
+            http, server, body={"sdp": sdp, "type": "offer", "input": "push"}
+        )
+        assert got == 400 and '"audio"' in payload["error"]["message"]  # no data channels
         no_video_pc, no_video = await _offer(video=None)
         got, payload, _ = await _post(http, server, body={"sdp": no_video, "type": "offer"})
         assert got == 400 and "video" in payload["error"]["message"]

@@ -128,7 +128,7 @@ def test_simple_whip_client_feeds_a_session_that_a_whep_viewer_watches(
         times = [t for t, _, _ in viewer.received.video[-50:]]
         assert (len(times) - 1) / (times[-1] - times[0]) > 20
         assert viewer.received.video[-1][2] == (512, 512)
-        loudest = max(float(np.abs(chunk).max()) for _, chunk in viewer.received.audio)
+        loudest = max(float(np.abs(chunk).max()) for _, _, chunk in viewer.received.audio)
         assert loudest > 0.05  # whip-client's tone, returned to the viewer
         # Stopping the encoder DELETEs its session.
         client.send_signal(signal.SIGINT)

@@ -24,7 +24,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.peer import LipSyncPeer, SpeechTrack
+from client.peer import LipSyncPeer, LipSyncPusher, SpeechTrack
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -225,6 +225,32 @@ def test_sessions_spread_avatars_travel_and_any_gateway_ends_them(
                 return by_worker(await health(http, a)) == {"w1": 0, "w2": 0}
 
             await until(empty, 5, "both workers empty")
+
+    asyncio.run(check())
+
+
+def test_a_push_session_through_a_gateway_plays_and_reports(cluster: dict) -> None:
+    """Pushed audio at 48 kHz, through the gateway to a worker: played out, and its playback
+    reported, as in one process."""
+
+    async def check() -> None:
+        async with aiohttp.ClientSession() as http:
+            pusher = LipSyncPusher(cluster["a"].url, sample_rate=48_000)
+            await pusher.connect(http)
+            await pusher.wait_open()
+            t = np.arange(48_000) / 48_000
+            await pusher.push((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+            pusher.end_of_segment()
+
+            async def finished() -> bool:
+                return any(e["type"] == "playback_finished" for e in pusher.received.events)
+
+            await until(finished, 10, "playback_finished")
+            kinds = [e["type"] for e in pusher.received.events if e["type"].startswith("play")]
+            assert kinds == ["playback_started", "playback_finished"]
+            (done,) = [e for e in pusher.received.events if e["type"] == "playback_finished"]
+            assert done["interrupted"] is False and abs(done["playback_position"] - 1.0) < 0.05
+            assert await pusher.close(http) == 204
 
     asyncio.run(check())
 

@@ -14,39 +14,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 
 from client.peer import LipSyncPeer
 from rtc_server.scheduler import WARM_UP_RUNS, EngineFailure
 from rtc_server.session import Session
-from signaling.config import ServerConfig
-from signaling.runner import app_runner
-from signaling.server import SESSIONS, build_app
+from signaling.server import SESSIONS
 from tests.conftest import ROOT, free_port
 from tests.faulty import FailingAnimator, SlowAnimator
+from tests.servers import serving
 
 pytestmark = pytest.mark.slow
 
 WARM_UP_CALLS = 1 + WARM_UP_RUNS  # each batch size once (1 on a CPU), then the timed runs
-
-
-@contextlib.asynccontextmanager
-async def serving(engine: Any, **settings: Any) -> AsyncIterator[tuple[web.Application, str]]:
-    config = ServerConfig(offline=True, **settings)
-    app = build_app(config, engine=engine)
-    runner = app_runner(app, config)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield app, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def _speech(seconds: float = 6.0) -> np.ndarray:
@@ -94,7 +77,8 @@ async def test_an_engine_failing_mid_run_ends_sessions_and_turns_health_degraded
         await peer.connect(http)
         await _until(lambda: _errors(peer), 15, "the error event")
         (error,) = _errors(peer)
-        assert error["code"] == "engine_failed" and "illegal memory access" in error["message"]
+        assert error["code"] == "engine_failed" and error["fatal"] is True
+        assert "illegal memory access" in error["message"]
         await _until(lambda: peer.connection_state in ("closed", "failed"), 10, "the close")
         assert not app[SESSIONS].sessions and app[SESSIONS].failed.is_set()
         async with http.get(f"{url}/api/health") as response:

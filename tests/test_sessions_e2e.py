@@ -115,8 +115,8 @@ async def test_speech_moves_the_mouth_in_sync(faces_dir, speech_16k) -> None:
     # The returned audio is in sync with the video: sound and mouth start together. Frame n
     # goes out with audio sample n*640, but shows the mel window of the 0.2 s from there
     # (the official alignment), so the mouth may lead the sound by up to about 0.1 s.
-    audio_times = np.array([t for t, _ in peer.received.audio])
-    loud = np.array([np.sqrt(np.mean((s / 32768.0) ** 2)) for _, s in peer.received.audio])
+    audio_times = np.array([t for t, _, _ in peer.received.audio])
+    loud = np.array([np.sqrt(np.mean(s**2)) for _, _, s in peer.received.audio])
     sound_onset = audio_times[np.argmax(loud > 0.02)]
     after_rest = np.flatnonzero(silent)[-1]
     mouth_onset = times[after_rest + np.argmax(moved[after_rest:] > 3.0)]

@@ -4,39 +4,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from client.peer import LipSyncPeer, LipSyncViewer, SpeechTrack
-from signaling.config import ServerConfig
-from signaling.runner import app_runner
-from signaling.server import SESSIONS, build_app
-from wav2lip.animator import Animator
+from signaling.server import SESSIONS
+from tests.servers import serving
 
 pytestmark = pytest.mark.slow
 
 SDP = {"Content-Type": "application/sdp"}
-
-
-@contextlib.asynccontextmanager
-async def serving(**settings: Any) -> AsyncIterator[tuple[web.Application, str]]:
-    config = ServerConfig(offline=True, **settings)
-    app = build_app(config, engine=Animator())
-    runner = app_runner(app, config)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield app, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def _speech(seconds: float = 20.0) -> np.ndarray:
@@ -89,7 +71,7 @@ async def test_whip_feeds_a_session_that_whep_viewers_watch() -> None:
             times = [t for t, _, _ in viewer.received.video[-40:]]
             assert (len(times) - 1) / (times[-1] - times[0]) > 20  # paced at 25 fps
         assert session.delivered <= max(len(v.received.video) for v in viewers) + 30
-        loud = max(float(np.abs(chunk).max()) for _, chunk in viewers[0].received.audio)
+        loud = max(float(np.abs(chunk).max()) for _, _, chunk in viewers[0].received.audio)
         assert loud > 0.05  # the encoder's sound, returned to the viewers
 
         async with http.delete(f"{url}{viewers[0].location}") as response:

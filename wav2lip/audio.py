@@ -48,6 +48,12 @@ def _mel_basis() -> np.ndarray:
     ).astype(np.float32)
 
 
+def prepare() -> None:
+    """Build the mel filters now: the first call imports librosa's filters (and SciPy), which
+    takes seconds, and a server must not spend them inside its first session's frame loop."""
+    _mel_basis()
+
+
 @lru_cache(maxsize=1)
 def _window() -> np.ndarray:
     # librosa's get_window("hann", 800, fftbins=True): the periodic Hann window.
