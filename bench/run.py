@@ -16,9 +16,13 @@ checkpoint, random weights in the official layout are used: speed does not depen
 2. Sessions: a `lipsync serve` process and N real aiortc peers on loopback streaming espeak-ng
    speech in real time (spread over several processes so that their decoding does not limit
    the count); per session the delivered fps (at the peer), the generated fps (frames really
-   inferred, from the server's stats), lag p50 and p95, the longest run of repeated frames;
-   the server's CPU use, split by thread (event loop, inference, compositing, encoders), and
-   the GPU's utilisation where there is one: what limits the count.
+   inferred, from the server's stats) and the fresh fps (those and, in silence, the cached
+   silent mouth), the age of the mouth shown (p50 and p95: the lag), the longest run of
+   repeated frames, and at the peer, from each onset of speech it sends to the onset of the
+   audio it gets back; the server's CPU use, split by thread (event loop, inference,
+   compositing, encoders), and the GPU's utilisation where there is one: what limits the
+   count. `--silence-share 0.5` makes the peers alternate speech and silence, as a
+   conversation does.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 
 from client.peer import LipSyncPeer
 from tests.conftest import free_port, random_wav2lip
+from tests.measure import speech_to_return, time_audio_packets
 from wav2lip.audio import load_audio
 from wav2lip.blend import Blender, first_face_row
 from wav2lip.checkpoint import load_checkpoint
@@ -203,16 +208,24 @@ def _gpu_utilisation() -> float | None:
         return None
 
 
-def _summary(peer: LipSyncPeer, first_video: int, first_event: int) -> dict[str, object]:
+def _summary(
+    peer: LipSyncPeer, first_video: int, first_event: int, speech_to_return: list[float]
+) -> dict[str, object]:
     """One peer's figures over the measured window (from the given record counts on)."""
     times = np.array([t for t, _, _ in peer.received.video[first_video:]])
     stats = [e for e in peer.received.events[first_event:] if e["type"] == "stats"]
     lag50 = [s["lag_ms"] for s in stats if s["lag_ms"] is not None]
     lag95 = [s["lag_p95_ms"] for s in stats if s["lag_p95_ms"] is not None]
+    generated = [s["generated_fps"] for s in stats]
+    fresh = [s["generated_fps"] + s.get("silent_fps", 0) for s in stats]
     return {
         "delivered_fps": round((len(times) - 1) / (times[-1] - times[0]), 1),
-        "generated_fps": round(float(np.mean([s["generated_fps"] for s in stats])), 1),
-        "generated_fps_by_second": [s["generated_fps"] for s in stats],
+        "generated_fps": round(float(np.mean(generated)), 1),
+        "generated_fps_by_second": generated,
+        "fresh_fps": round(float(np.mean(fresh)), 1),
+        "delay_ms_by_second": [s.get("delay_ms") for s in stats],
+        "jitter_ms_by_second": [s.get("jitter_ms") for s in stats],
+        "speech_to_return_ms": [round(1000 * d) for d in speech_to_return],
         "lag_p50_ms": round(float(np.median(lag50))),
         "lag_p95_ms": round(float(np.percentile(lag95, 95))),
         "dropped_total": stats[-1]["dropped"],
@@ -220,28 +233,42 @@ def _summary(peer: LipSyncPeer, first_video: int, first_event: int) -> dict[str,
     }
 
 
-async def _peers(url: str, count: int, speech: np.ndarray, start_at: float, seconds: float):
-    """Connect `count` peers, measure them from wall time `start_at` for `seconds`."""
-    audio = np.concatenate([np.zeros(8000, np.float32), *[speech] * 200])
-    audio = audio[: int((start_at - time.time() + seconds + 30) * 16000)]
-    peers = [LipSyncPeer(url, audio, receive_audio=False) for _ in range(count)]
+async def _peers(
+    url: str, indices: list[int], total: int, speech: np.ndarray, start_at: float, seconds: float
+):
+    """Connect the peers numbered `indices` (of `total`), measure them from wall time
+    `start_at` for `seconds`. Peer k starts k / total of the way into `speech`, so that
+    sessions whose speech has pauses do not all pause at once; peer 0 alone takes the audio
+    back (to time it), as decoding it would take the others' share of the two cores here."""
+    length = int((start_at - time.time() + seconds + 30) * 16000)
+    repeated = np.tile(speech, length // len(speech) + 2)
+    audios = [repeated[k * len(speech) // total :][:length] for k in indices]
+    peers = [LipSyncPeer(url, audio, receive_audio=k == 0) for k, audio in zip(indices, audios)]
+    arrivals: list[dict[int, float]] = []
     async with aiohttp.ClientSession() as http:
         for peer in peers:
             await peer.connect(http)
+            arrivals.append(time_audio_packets(peer) if peer.receive_audio else {})
         late = time.time() > start_at
         await asyncio.sleep(max(0.0, start_at - time.time()))
         marks = [(len(p.received.video), len(p.received.events)) for p in peers]
         cpu, wall = time.process_time(), time.monotonic()
         await asyncio.sleep(seconds)
         cpu_percent = (time.process_time() - cpu) / (time.monotonic() - wall) * 100
-        results = [_summary(p, video, event) for p, (video, event) in zip(peers, marks)]
+        window = (wall, time.monotonic())
+        results = [
+            _summary(p, video, event, speech_to_return(p, audio, heard, window))
+            for p, audio, (video, event), heard in zip(peers, audios, marks, arrivals, strict=True)
+        ]
         for peer in peers:
             await peer.close(http)
     return {"connected_late": late, "cpu_percent": cpu_percent, "per_session": results}
 
 
-def _peer_group(url: str, count: int, speech: np.ndarray, start_at: float, seconds: float):
-    return asyncio.run(_peers(url, count, speech, start_at, seconds))
+def _peer_group(
+    url: str, indices: list[int], total: int, speech: np.ndarray, start_at: float, seconds: float
+):
+    return asyncio.run(_peers(url, indices, total, speech, start_at, seconds))
 
 
 def _measure(
@@ -250,12 +277,13 @@ def _measure(
     """N sessions, their peers spread over processes, all measured over the same window; the
     server's CPU by thread and by process (the front door and each worker)."""
     processes = min(count, processes)
-    groups = [count // processes + (i < count % processes) for i in range(processes)]
-    start_at = time.time() + 15 + 0.5 * max(groups)
+    groups = [list(range(count))[i::processes] for i in range(processes)]
+    start_at = time.time() + 15 + 0.5 * max(map(len, groups))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
         futures = [
-            pool.submit(_peer_group, url, size, speech, start_at, seconds) for size in groups
+            pool.submit(_peer_group, url, group, count, speech, start_at, seconds)
+            for group in groups
         ]
         time.sleep(max(0.0, start_at - time.time()))
         before, wall = _servers_cpu(pids.values()), time.monotonic()
@@ -309,11 +337,15 @@ def bench_sessions(
     delay: float | None,
     workers: int | None,
     log: Path,
+    silence_share: float = 0.0,
 ) -> list[dict]:
     """One `lipsync serve`, with `--workers N` when given (the front door and N worker
     processes sharing the device); its output goes to `log`. `--min-fps 0`: sessions beyond
     the device's capacity are admitted, to measure how it degrades."""
     speech = load_audio(speech_wav)
+    # Speech, then as much silence as makes `silence_share` of the whole.
+    pause = int(len(speech) * silence_share / (1 - silence_share))
+    speech = np.concatenate([speech, np.zeros(pause, np.float32)])
     port = free_port()
     command = [
         sys.executable, "-m", "signaling.cli", "serve", "--offline", "--port", str(port),
@@ -397,9 +429,11 @@ def markdown(report: dict) -> str:
         "",
         "| sessions | workers | server CPU | by process | by thread | peers' CPU | GPU busy "
         "| delivered fps (min) "
-        "| generated fps (min-max) | lag p50 ms (median) | lag p95 ms (max) | dropped (max) "
+        "| inferred fps (min-max) | fresh fps (min-max) | mouth age p50 ms (median) "
+        "| mouth age p95 ms (max) | speech to returned audio p50 / p95 ms | dropped (max) "
         "| longest repeat run (max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for run in report["sessions"]:
         per = run["per_session"]
@@ -409,6 +443,13 @@ def markdown(report: dict) -> str:
         )
         gpu = run["gpu_utilisation_percent"]
         generated = [s["generated_fps"] for s in per]
+        fresh = [s.get("fresh_fps", s["generated_fps"]) for s in per]
+        returned = [d for s in per for d in s.get("speech_to_return_ms", [])]
+        back = (
+            f"{round(float(np.median(returned)))} / {round(float(np.percentile(returned, 95)))}"
+            if returned
+            else "-"
+        )
         late = " (peers connected late)" if run["peers_connected_late"] else ""
         lines.append(
             f"| {run['sessions']}{late} | {run.get('workers', 0) or '-'} "
@@ -416,8 +457,10 @@ def markdown(report: dict) -> str:
             f"| {threads} | {run.get('peers_cpu_percent', '-')}% "
             f"| {'-' if gpu is None else f'{gpu}%'} "
             f"| {min(s['delivered_fps'] for s in per)} | {min(generated)}-{max(generated)} "
+            f"| {min(fresh)}-{max(fresh)} "
             f"| {round(float(np.median([s['lag_p50_ms'] for s in per])))} "
-            f"| {max(s['lag_p95_ms'] for s in per)} | {max(s['dropped_total'] for s in per)} "
+            f"| {max(s['lag_p95_ms'] for s in per)} | {back} "
+            f"| {max(s['dropped_total'] for s in per)} "
             f"| {max(s['longest_repeat_run'] for s in per)} |"
         )
     return "\n".join(lines) + "\n"
@@ -441,6 +484,12 @@ def main() -> None:
         type=int,
         help="serve with a front door and this many worker processes (default: one process)",
     )
+    parser.add_argument(
+        "--silence-share",
+        type=float,
+        default=0.0,
+        help="the share of silence in what the peers send, after each sentence (0 to 0.9)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     batches = GPU_BATCHES if args.device == "cuda" else []
@@ -457,6 +506,7 @@ def main() -> None:
         report["sessions"] = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
             args.peer_processes, args.delay, args.workers, args.out / "server.log",
+            args.silence_share,
         ) if args.sessions else []  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))

@@ -114,12 +114,12 @@ class _Receiver:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.recorder = recorder
+        self.receive_audio = receive_audio
         self._history = history
         # The server's API key or a token minted with it, when the server requires one.
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.session_id: str | None = None
         self.received = Received()
-        self._receive_audio = receive_audio
         self._keep = keep
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # loopback: no STUN
         self._tasks: list[asyncio.Task[None]] = []
@@ -261,7 +261,7 @@ class LipSyncPeer(_Caller):
         self.speech = audio if isinstance(audio, SpeechTrack) else SpeechTrack(audio)
 
     def _add_audio(self, pc: RTCPeerConnection) -> None:
-        pc.addTransceiver(self.speech, direction="sendrecv" if self._receive_audio else "sendonly")
+        pc.addTransceiver(self.speech, direction="sendrecv" if self.receive_audio else "sendonly")
 
 
 class LipSyncPusher(_Caller):
@@ -276,7 +276,7 @@ class LipSyncPusher(_Caller):
         self._audio: RTCDataChannel | None = None
 
     def _add_audio(self, pc: RTCPeerConnection) -> None:
-        if self._receive_audio:
+        if self.receive_audio:
             pc.addTransceiver("audio", direction="recvonly")
         self._audio = pc.createDataChannel("audio")
 
@@ -335,7 +335,7 @@ class LipSyncViewer(_Receiver):
     async def connect(self, http: aiohttp.ClientSession) -> None:
         pc = self._pc
         pc.addTransceiver("video", direction="recvonly")
-        if self._receive_audio:
+        if self.receive_audio:
             pc.addTransceiver("audio", direction="recvonly")
         pc.on("track", self._record)
         await pc.setLocalDescription(await pc.createOffer())

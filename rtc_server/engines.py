@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rtc_server.session import JITTER_SECONDS
 from wav2lip.animator import Animator
-from wav2lip.audio import LOOKAHEAD_SECONDS
+from wav2lip.audio import Alignment, lookahead_seconds
 from wav2lip.blend import first_face_row
 from wav2lip.checkpoint import load_checkpoint
 from wav2lip.engine import Engine, MouthEngine
@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 RENDER_BUDGET = {"animator": 0.06, "wav2lip-gpu": 0.02, "wav2lip": 0.07}
 CPU_BATCH = 1
 GPU_BATCH = 16
-# The least delay: the mel window's look-ahead and the jitter allowance.
-LEAST_DELAY = LOOKAHEAD_SECONDS + JITTER_SECONDS
+
+
+def least_delay(alignment: Alignment) -> float:
+    """The least delay: the mel window's look-ahead and the jitter allowance."""
+    return lookahead_seconds(alignment) + JITTER_SECONDS
 
 
 @dataclass(frozen=True)
@@ -75,20 +78,21 @@ def device_name(engine: MouthEngine) -> str:
     return str(engine.device) if isinstance(engine, Engine) else "cpu"
 
 
-def default_delay(engine: MouthEngine) -> float:
+def default_delay(engine: MouthEngine, alignment: Alignment) -> float:
     """Seconds from a sound's arrival to the frame that shows it leaving the server."""
     key = f"{engine.name}-gpu" if on_gpu(engine) else engine.name
-    return LEAST_DELAY + RENDER_BUDGET[key]
+    return least_delay(alignment) + RENDER_BUDGET[key]
 
 
 def max_batch(engine: MouthEngine) -> int:
     return GPU_BATCH if on_gpu(engine) else CPU_BATCH
 
 
-def check_delay(delay: float | None) -> None:
+def check_delay(delay: float | None, alignment: Alignment) -> None:
     """ValueError, naming the flag, for a delay too short for the mel window and jitter."""
-    if delay is not None and delay <= LEAST_DELAY:
+    if delay is not None and delay <= least_delay(alignment):
         raise ValueError(
-            f"--delay must be more than {LEAST_DELAY:.4f} s: Wav2Lip's mel window needs "
-            f"{LOOKAHEAD_SECONDS} s of audio beyond each frame, plus {JITTER_SECONDS} s for jitter"
+            f"--delay must be more than {least_delay(alignment):.4f} s: Wav2Lip's mel window "
+            f"({alignment} alignment) needs {lookahead_seconds(alignment)} s of audio beyond "
+            f"each frame, plus {JITTER_SECONDS} s for jitter"
         )

@@ -24,9 +24,11 @@ from aiortc.mediastreams import MediaStreamTrack
 from rtc_server.avatars import Avatar
 from rtc_server.metrics import MediaMetrics
 from rtc_server.offers import CALLER, PUSHER, VIEWER, BadOffer, for_ice, read_offer
+from rtc_server.receivers import decode_audio_promptly
 from rtc_server.scheduler import HEADROOM, InferenceScheduler
 from rtc_server.session import Session, SessionOptions
 from wav2lip import audio as mel
+from wav2lip.audio import Alignment
 from wav2lip.engine import MouthEngine
 from wav2lip.threads import name_this_thread
 
@@ -56,6 +58,9 @@ class ManagerOptions:
     peer_timeout: float  # seconds without a packet from the peer before it counts as gone
     min_fps: float  # inferred frames a second every session must still get; 0: no check
     push_buffer: float = 60.0  # seconds of pushed audio a session may hold
+    alignment: Alignment = "training"  # which audio window each frame gets
+    adaptive_delay: bool = False  # whether the delay follows the measured jitter
+    silence_db: float = -80.0  # audio below this shows the cached silent mouth
 
 
 class SessionManager:
@@ -89,8 +94,9 @@ class SessionManager:
         # aiortc encodes video on the loop's default executor: named, its CPU use shows apart.
         executor = ThreadPoolExecutor(initializer=name_this_thread, initargs=("executor",))
         asyncio.get_running_loop().set_default_executor(executor)
-        self.scheduler.start()
+        # Before the warm-up, whose timing would count the import's seconds against the device.
         await asyncio.to_thread(mel.prepare)
+        self.scheduler.start()
         await self.scheduler.warmed_up()
 
     def capacity(self) -> int:
@@ -156,6 +162,9 @@ class SessionManager:
                 peer_timeout=self.options.peer_timeout,
                 push_rate=push_rate if kind == PUSHER else None,
                 push_buffer=self.options.push_buffer,
+                alignment=self.options.alignment,
+                adaptive_delay=self.options.adaptive_delay,
+                silence_db=self.options.silence_db,
             ),
             self._forget,
             self.metrics,
@@ -221,6 +230,7 @@ class SessionManager:
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=for_ice(sdp), type="offer"))
+            decode_audio_promptly(pc)
             if send_video:
                 session.send_video(pc.addTrack(session.video_track()))
             if session.options.send_audio:

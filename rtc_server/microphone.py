@@ -43,8 +43,10 @@ class Microphone:
         timeline: AudioTimeline,
         session_time: Callable[[], float],
         on_audio: Callable[[int, float], None],
+        on_late: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self._track = track
+        self._on_late = on_late  # how late each frame came after its place (once anchored)
         self._timeline = timeline
         self._session_time = session_time
         self._on_audio = on_audio
@@ -82,7 +84,12 @@ class Microphone:
             # the lag for the whole session.
             self.first_index -= index - arrived
             index = arrived
-        return index + self._follow_drift(arrived - index)
+        index += self._follow_drift(arrived - index)
+        if self.frames > ANCHOR_FRAMES:
+            # How long after its place the frame's first sample came: the packet's length
+            # (it is sent once its last sample is captured) and the network's jitter.
+            self._on_late((arrived + duration - index) / SAMPLE_RATE)
+        return index
 
     def _follow_drift(self, early_by: int) -> int:
         """Nudge the anchor when the peer's clock runs fast or slow against ours.

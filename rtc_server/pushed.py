@@ -62,6 +62,7 @@ class PushedAudio:
         session_time: Callable[[], float],
         on_audio: Callable[[int, float], None],
         max_seconds: float,
+        on_late: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         if rate not in RATES:
             raise ValueError(f"the pushed audio's rate must be one of {RATES}, got {rate}")
@@ -69,6 +70,7 @@ class PushedAudio:
         self._timeline = timeline
         self._session_time = session_time
         self._on_audio = on_audio
+        self._on_late = on_late  # how late each part played out was, against its place
         self._max_samples = int(max_seconds * SAMPLE_RATE)
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._odd_byte = b""  # half a sample, left over from a message of odd length
@@ -148,6 +150,8 @@ class PushedAudio:
             self._cursor = now
             return
         due = now - self._cursor
+        # What is played now belonged from the cursor on: it is as late as this timer is.
+        self._on_late(due / SAMPLE_RATE)
         while due > 0 and self._waiting:
             chunk = self._waiting[0]
             if chunk is END:

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 FPS = 25
 # The share of the device's measured capacity handed out, keeping some in hand for deadlines.
 HEADROOM = 0.9
+# A session shares the device while it submits frames: a speaking one every 40 ms. One that
+# has submitted none for this long is in silence (or gone) and takes no share.
+ACTIVE_FOR = 0.2
 WARM_UP_RUNS = 5
 BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 # The longest a frame waits for others to batch with. Sessions' frames arrive spread over the
@@ -147,6 +150,8 @@ class InferenceScheduler:
         # less to batch, get smaller batches, and spiral down.
         self._capacity = Capacity(0.02)
         self._credit: dict[FrameSink, float] = {}
+        # When each session last submitted a frame. A session in silence submits none (its
+        # frames are its cached silent mouth): after ACTIVE_FOR it takes no share.
         self._last_submit: dict[FrameSink, float] = {}
 
     @property
@@ -188,7 +193,7 @@ class InferenceScheduler:
             if self.failure is not None:
                 return False
             self._last_submit[sink] = now
-            active = sum(1 for t in self._last_submit.values() if now - t < 1.0)
+            active = sum(1 for t in self._last_submit.values() if now - t < ACTIVE_FOR)
             share = min(1.0, HEADROOM / (self.seconds_per_frame * FPS * active))
             credit = self._credit.get(sink, 1.0) + share
             if credit < 1.0:

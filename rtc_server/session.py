@@ -38,6 +38,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from rtc_server.avatars import Avatar
 from rtc_server.clock import VIDEO_FRAME_SECONDS, SessionClock
+from rtc_server.jitter import JitterAllowance
 from rtc_server.metrics import MediaMetrics
 from rtc_server.microphone import Microphone
 from rtc_server.pushed import Overfull, PushedAudio
@@ -50,10 +51,13 @@ from rtc_server.tracks import (
     ReturnedAudioTrack,
 )
 from wav2lip.audio import (
+    MAX_ABS,
     MEL_STEP,
     N_MELS,
     SAMPLES_PER_VIDEO_FRAME,
+    Alignment,
     MelStream,
+    mel_level,
     samples_needed,
     window_start,
 )
@@ -61,8 +65,14 @@ from wav2lip.blend import Blender
 
 log = logging.getLogger(__name__)
 
-# Audio later than this (beyond when it should have arrived) is taken as silence.
+# Audio later than this (beyond when it should have arrived) is taken as silence: the jitter
+# allowance a session starts with, and keeps when its delay is set by hand.
 JITTER_SECONDS = 0.06
+# The delay follows the measured allowance when they differ by more than this; growing at most
+# a frame every GROW_EVERY, shrinking at most a frame every SHRINK_EVERY and only in a pause.
+DELAY_SLACK = 0.005
+GROW_EVERY = 0.2
+SHRINK_EVERY = 1.0
 MAX_READY = 16  # finished frames waiting for their turn (0.64 s)
 AUDIO_CHUNKS_KEPT = 16  # returned audio chunks kept for receivers a little behind (0.32 s)
 SPEECH_RMS = 0.01  # about -40 dBFS
@@ -84,6 +94,12 @@ class SessionOptions:
     peer_timeout: float  # seconds without any packet from the peer before it counts as gone
     push_rate: int | None = None  # pushed audio's sample rate, when the input is pushed
     push_buffer: float = 60.0  # seconds of pushed audio that may wait to be played
+    alignment: Alignment = "training"  # which audio window each video frame gets
+    # Whether the delay follows the measured jitter (it does unless set by hand).
+    adaptive_delay: bool = False
+    # Windows whose every mel value is below this level (dB on Wav2Lip's scale, where digital
+    # silence is -100) are silence: their mouth is the session's cached silent one.
+    silence_db: float = -80.0
 
 
 class Session:
@@ -136,6 +152,7 @@ class Session:
                 self._audio_time,
                 self._on_audio,
                 options.push_buffer,
+                self._on_late,
             )
             if options.push_rate
             else None
@@ -148,6 +165,7 @@ class Session:
         self._closing: asyncio.Task[None] | None = None
         self._speaking = False
         self._quiet_since = 0.0
+        self._loud: deque[tuple[int, int]] = deque(maxlen=100)  # recent loud spans (samples)
         # Counters: totals, and the last second's window for the stats message.
         self.delivered = 0
         self.generated = 0
@@ -157,6 +175,16 @@ class Session:
         self._repeat_run = 0
         self._lags: deque[float] = deque(maxlen=100)
         self._infer_ms: deque[float] = deque(maxlen=100)
+        # How long to wait for late audio, and the delay without it: they move together.
+        self.jitter = JitterAllowance(JITTER_SECONDS)
+        self._delay_floor = options.delay - JITTER_SECONDS
+        self._delay_moved = 0.0  # when the delay last moved (time.monotonic())
+        self.audio_missing = 0  # frames that went ahead before their microphone audio came
+        # Silence: every silent window is inferred as the same one, once; then reused.
+        self._silence_level = mel_level(options.silence_db)
+        self._silent_index: int | None = None  # the frame whose result becomes the cache
+        self._silent_frame: np.ndarray | None = None  # its I420 picture
+        self.silent = 0  # frames shown with the cached silent mouth
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -231,7 +259,9 @@ class Session:
         (the caller must then drain the track some other way)."""
         if self._microphone is not None:
             return False
-        self._microphone = Microphone(track, self._timeline, self._audio_time, self._on_audio)
+        self._microphone = Microphone(
+            track, self._timeline, self._audio_time, self._on_audio, self._on_late
+        )
         self._spawn(self._microphone.run(), "microphone")
         return True
 
@@ -305,6 +335,37 @@ class Session:
         self._arrivals.append((end, arrival))
         self._audio_event.set()
 
+    def _on_late(self, seconds: float) -> None:
+        """Audio came `seconds` after its place on the timeline."""
+        if self.options.adaptive_delay:
+            self.jitter.observe(seconds)
+
+    def _quiet_around_output(self) -> bool:
+        """Whether the audio going out now, and 0.1 s either side of it, is quiet: a pause
+        in which the send times may shift without anyone seeing or hearing it."""
+        shown = round((self.clock.now() - self.clock.delay) * SAMPLE_RATE)
+        first, last = shown - SAMPLE_RATE // 10, shown + SAMPLE_RATE // 10
+        return not any(start < last and end > first for start, end in self._loud)
+
+    def _adapt_delay(self) -> None:
+        """Move the delay toward the look-ahead, the render budget and the measured jitter
+        allowance, a frame at most at a time: growing promptly (audio would otherwise be
+        missing), shrinking once a second and only in a pause. The video and the returned
+        audio move together, both paced by the one clock; a shift shows as one frame held a
+        little longer or sent a little sooner."""
+        if not self.options.adaptive_delay:
+            return
+        gap = self._delay_floor + self.jitter.value - self.clock.delay
+        since = time.monotonic() - self._delay_moved
+        if gap > DELAY_SLACK and since >= GROW_EVERY:
+            shift = min(gap, VIDEO_FRAME_SECONDS)
+        elif gap < -DELAY_SLACK and since >= SHRINK_EVERY and self._quiet_around_output():
+            shift = max(gap, -VIDEO_FRAME_SECONDS)
+        else:
+            return
+        self.clock.delay += shift
+        self._delay_moved = time.monotonic()
+
     # -- producing frames -----------------------------------------------------------------
 
     async def _produce(self) -> None:
@@ -319,47 +380,67 @@ class Session:
 
     def _advance(self) -> None:
         """Read new audio into mel frames and submit every frame whose window is complete."""
+        self._adapt_delay()
         now = self.clock.now()
         # Returned audio nobody takes (no receiver wants it) is let go of.
-        behind = round((now - self.options.delay) * SAMPLE_RATE) - SAMPLE_RATE // 2
+        behind = round((now - self.clock.delay) * SAMPLE_RATE) - SAMPLE_RATE // 2
         if self._timeline.position("out") < behind:
             self._timeline.read("out", behind)
         end = self._timeline.written_end
         # Frames whose audio is overdue go ahead with silence: a stalled or muted microphone
         # still yields 25 fps of resting mouth.
         overdue = self._next_frame
-        while samples_needed(overdue) / SAMPLE_RATE + JITTER_SECONDS <= now:
+        alignment = self.options.alignment
+        while samples_needed(overdue, alignment) / SAMPLE_RATE + self.jitter.value <= now:
             overdue += 1
         if overdue > self._next_frame:
-            end = max(end, samples_needed(overdue - 1))
+            if self._microphone is not None:
+                self.audio_missing += sum(
+                    samples_needed(f, alignment) > end for f in range(self._next_frame, overdue)
+                )
+            end = max(end, samples_needed(overdue - 1, alignment))
         if end > self._timeline.position("mel"):
+            start = self._timeline.position("mel")
             samples = self._timeline.read("mel", end)
-            self._track_speaking(samples)
+            self._track_speaking(samples, start)
             self._mel = np.concatenate((self._mel, self._mel_stream.push(samples)), axis=1)
         self._submit_ready()
 
     def _submit_ready(self) -> None:
         available = self._mel_base + self._mel.shape[1]
         frame = self._next_frame
-        while window_start(frame) + MEL_STEP <= available:
-            start = window_start(frame) - self._mel_base
+        alignment = self.options.alignment
+        while window_start(frame, alignment) + MEL_STEP <= available:
+            start = window_start(frame, alignment) - self._mel_base
             due = self.clock.due(frame * VIDEO_FRAME_SECONDS)
             window = self._mel[:, start : start + MEL_STEP].copy()
+            if window.max() <= self._silence_level:
+                if self._silent_frame is not None:
+                    # The same input as the frame cached: the same pixels, without the model.
+                    picture = av.VideoFrame.from_ndarray(self._silent_frame, format="yuv420p")
+                    self._ready[frame] = picture
+                    self.silent += 1
+                    frame += 1
+                    continue
+                window[:] = -MAX_ABS  # every silent window the same: digital silence's
+                self._silent_index = frame
             if due <= time.monotonic() or not self._scheduler.submit(self, frame, window, due):
                 self.skipped += 1
             frame += 1
         self._next_frame = frame
-        keep = window_start(frame) - self._mel_base
+        keep = window_start(frame, alignment) - self._mel_base
         if keep > 0:
             self._mel = self._mel[:, keep:]
             self._mel_base += keep
 
-    def _track_speaking(self, samples: np.ndarray) -> None:
+    def _track_speaking(self, samples: np.ndarray, start: int) -> None:
+        """Speaking events, and where on the timeline the sound was (`_quiet_around`)."""
         if len(samples) == 0:
             return
         loud = float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
         now = self.clock.now()
         if loud:
+            self._loud.append((start, start + len(samples)))
             self._quiet_since = now
             if not self._speaking:
                 self._speaking = True
@@ -378,6 +459,8 @@ class Session:
         self._infer_ms.append(infer_seconds * 1000)
         if index in self._rest:  # made from audio that was cleared meanwhile
             return
+        if index == self._silent_index and self._silent_frame is None:
+            self._silent_frame = frame.to_ndarray()
         if index < self._sent_upto:  # too late: its slot went out as a repeat
             self.skipped += 1
             return
@@ -438,11 +521,14 @@ class Session:
             self._last_frame = frame
             self._shown_arrival = arrival
         self.delivered += 1
-        self._lags.append(sent_at - arrival)
-        # The mouth on screen stands for the audio of the last fresh frame: a repeat shows an
-        # older mouth, 40 ms older for each frame it lags behind.
+        # The lag is the age of the mouth on screen: it stands for the audio at the start of
+        # the frame it was inferred for. A fresh frame's age is the delay; a repeat shows an
+        # older mouth, 40 ms older for each frame it lags behind. (The resting face, before
+        # the first mouth or after a clear_buffer, stands for no audio.)
         if self._shown_arrival is not None:
-            self._metrics.frame_sent(fresh, sent_at - self._shown_arrival)
+            age = sent_at - self._shown_arrival
+            self._lags.append(age)
+            self._metrics.frame_sent(fresh, age)
         frame.pts = index * VIDEO_PTS_STEP
         frame.time_base = VIDEO_TIME_BASE
         self._apply_bitrate()
@@ -492,6 +578,10 @@ class Session:
             "generated": self.generated,
             "repeated": self.repeated,
             "skipped": self.skipped,
+            "silent": self.silent,
+            "audio_missing": self.audio_missing,
+            "jitter_ms": round(self.jitter.value * 1000),
+            "delay_ms": round(self.clock.delay * 1000),
             "lag_ms": round(lags[len(lags) // 2] * 1000) if lags else None,
             "lag_p95_ms": round(p95 * 1000) if p95 is not None else None,
             "longest_repeat_run": self.longest_repeat_run,
@@ -515,11 +605,14 @@ class Session:
                     "type": "stats",
                     "delivered_fps": current["delivered"] - previous["delivered"],
                     "generated_fps": current["generated"] - previous["generated"],
+                    "silent_fps": current["silent"] - previous["silent"],
                     "dropped": current["repeated"],
                     "lag_ms": current["lag_ms"],
                     "lag_p95_ms": current["lag_p95_ms"],
                     "longest_repeat_run": current["longest_repeat_run"],
                     "inference_ms": current["inference_ms"],
+                    "jitter_ms": current["jitter_ms"],
+                    "delay_ms": current["delay_ms"],
                     "engine": self._scheduler.engine.name,
                 }
             )

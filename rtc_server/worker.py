@@ -28,6 +28,7 @@ from rtc_server.engines import default_delay, device_name, max_batch
 from rtc_server.manager import ManagerOptions, SessionManager
 from rtc_server.metrics import MediaMetrics
 from rtc_server.offers import CALLER
+from wav2lip.audio import Alignment
 from wav2lip.engine import MouthEngine
 
 SERVING, DRAINING, DEGRADED = "serving", "draining", "degraded"
@@ -46,6 +47,8 @@ class WorkerSettings:
     bitrate: int = 1_500_000
     delay: float | None = None  # seconds; None: the engine's default
     push_buffer: float = 60.0  # seconds of pushed audio a session may hold
+    alignment: Alignment = "training"  # which audio window each frame gets
+    silence_db: float = -80.0  # audio below this shows the cached silent mouth
     photo_limits: PhotoLimits = field(default_factory=PhotoLimits)
     avatar_limit: int = 32
     weights_cache: Path | None = None  # where S3FD's weights may be cached
@@ -67,13 +70,20 @@ class Worker:
             engine,
             ManagerOptions(
                 max_sessions=settings.max_sessions,
-                delay=settings.delay if settings.delay is not None else default_delay(engine),
+                delay=(
+                    settings.delay
+                    if settings.delay is not None
+                    else default_delay(engine, settings.alignment)
+                ),
                 idle_timeout=settings.idle_timeout,
                 bitrate=settings.bitrate,
                 max_batch=max_batch(engine),
                 peer_timeout=settings.peer_timeout,
                 min_fps=settings.min_fps,
                 push_buffer=settings.push_buffer,
+                alignment=settings.alignment,
+                adaptive_delay=settings.delay is None,
+                silence_db=settings.silence_db,
             ),
             rtc_configuration,
             self.metrics,

@@ -73,6 +73,7 @@ def _render(args: argparse.Namespace) -> int:
         blend=args.blend,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        alignment=args.alignment,
     )
     print(f"wrote {result.path}: {result.frames} frames at 25 fps, face box {result.box}")
     return 0
@@ -83,7 +84,7 @@ SAME_NAME = (
     "host", "port", "max_sessions", "video_bitrate", "turn_secret", "turn_ttl", "tls_cert",
     "tls_key", "offline", "checkpoint", "cache", "device", "trust_checkpoint", "token_ttl",
     "request_timeout", "max_concurrent_uploads", "peer_timeout", "min_fps", "shutdown_grace",
-    "push_buffer",
+    "push_buffer", "alignment", "silence_db",
 )  # fmt: skip
 
 
@@ -412,6 +413,20 @@ def _add_media(parser: argparse.ArgumentParser) -> None:
             help="seconds from audio arrival to its frame (default: by engine)",
         ),
         media.add_argument(
+            "--alignment",
+            choices=("training", "official"),
+            default="training",
+            help="each frame's audio window: as Wav2Lip was trained (default), or as its "
+            "official inference (40 ms earlier, 40 ms more delay)",
+        ),
+        media.add_argument(
+            "--silence-db",
+            type=float,
+            default=-80.0,
+            help="audio below this mel level (dB; digital silence is -100) shows the cached "
+            "silent mouth, without inference",
+        ),
+        media.add_argument(
             "--push-buffer",
             type=float,
             default=60.0,
@@ -495,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--blend", choices=("feather", "hard"), default="feather")
     render.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     render.add_argument("--batch-size", type=int, default=16)
+    render.add_argument(
+        "--alignment",
+        choices=("training", "official"),
+        default="training",
+        help="each frame's audio window: as Wav2Lip was trained, or as its official inference",
+    )
     render.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(run=_render)

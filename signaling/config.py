@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from aiohttp import web
 
@@ -70,6 +71,12 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     # Seconds of pushed audio (a voice agent's) a session holds before refusing more.
     push_buffer: float = 60.0
+    # Which audio window each video frame gets: "training" (as Wav2Lip was trained) or
+    # "official" (as its inference.py, 40 ms earlier).
+    alignment: Literal["training", "official"] = "training"
+    # Frames whose audio is below this level throughout (dB on Wav2Lip's mel scale, where
+    # digital silence is -100) show the session's cached silent mouth, without inference.
+    silence_db: float = -80.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ice_servers", tuple(self.ice_servers))
@@ -103,6 +110,12 @@ class ServerConfig:
             raise ValueError("the video size must be at least 64x64 pixels")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if not -100 <= self.silence_db <= 0:
+            raise ValueError(f"--silence-db must be -100 to 0, got {self.silence_db}")
+        if self.alignment not in ("training", "official"):
+            raise ValueError(
+                f'--alignment must be "training" or "official", not {self.alignment!r}'
+            )
         if self.min_fps < 0 or self.min_fps > 25:
             raise ValueError(f"--min-fps must be 0 to 25 (the video's rate), got {self.min_fps}")
         if self.api_key is not None and len(self.api_key) < MIN_KEY_LENGTH:

@@ -66,6 +66,8 @@ def worker_settings(config: ServerConfig, delay: float | None) -> WorkerSettings
         avatar_limit=config.avatar_limit,
         weights_cache=config.cache,
         push_buffer=config.push_buffer,
+        alignment=config.alignment,
+        silence_db=config.silence_db,
     )
 
 
@@ -75,7 +77,7 @@ def make_worker(
     delay: float | None = None,
     worker_id: str = "local",
 ) -> Worker:
-    check_delay(delay)
+    check_delay(delay, config.alignment)
     engine = engine if engine is not None else load_engine(engine_choice(config))
     return Worker(
         engine, worker_settings(config, delay), lambda: rtc_configuration(config), worker_id

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from client.peer import LipSyncPusher, Received
+from client.peer import LipSyncPeer, LipSyncPusher, Received
 
 AT_REST = 2.0  # mouth blocks this close to the resting ones (mean, in luma levels): at rest
 MOVING = 3.0  # and this far: speaking
@@ -64,7 +64,7 @@ def moved(received: Received) -> tuple[np.ndarray, np.ndarray]:
     return times, np.abs(crops - rest).mean(axis=(1, 2))
 
 
-def time_audio_packets(pusher: LipSyncPusher) -> dict[int, float]:
+def time_audio_packets(peer: LipSyncPeer | LipSyncPusher) -> dict[int, float]:
     """Start noting when each audio packet reaches the peer (call it right after `connect`);
     the dict fills in by RTP timestamp, counted from the first packet's.
 
@@ -72,7 +72,7 @@ def time_audio_packets(pusher: LipSyncPusher) -> dict[int, float]:
     playout buffer of its own that a browser sizes differently: the audio's timing at the peer
     is taken where its packets arrive, as the video's is where its frames are complete.
     """
-    (receiver,) = [t.receiver for t in pusher._pc.getTransceivers() if t.kind == "audio"]
+    (receiver,) = [t.receiver for t in peer._pc.getTransceivers() if t.kind == "audio"]
     arrivals: dict[int, float] = {}
     handle = receiver._handle_rtp_packet
     first: list[int] = []
@@ -92,6 +92,39 @@ def loud(received: Received, arrivals: dict[int, float]) -> tuple[np.ndarray, np
         np.array([arrivals[pts] for _, pts, _ in received.audio]),
         np.array([np.abs(chunk).max() > LOUD for _, _, chunk in received.audio]),
     )
+
+
+QUIET_BEFORE_ONSET = 10  # 20 ms chunks of quiet before a loud one make it an onset
+
+
+def onsets(times: np.ndarray, loud: np.ndarray) -> np.ndarray:
+    """The times of loud 20 ms chunks that follow 200 ms of quiet."""
+    quiet_run = np.convolve(~loud, np.ones(QUIET_BEFORE_ONSET, int), "full")[: len(loud)]
+    before = np.concatenate(([0], quiet_run[:-1]))
+    return times[loud & (before >= QUIET_BEFORE_ONSET)]
+
+
+def speech_to_return(
+    peer: LipSyncPeer, audio: np.ndarray, arrivals: dict[int, float], window: tuple[float, float]
+) -> list[float]:
+    """For each onset of speech the peer sent within `window` (time.monotonic()), the seconds
+    until the onset of the audio coming back reached it (its packets' arrival)."""
+    started = peer.speech.started_at
+    if started is None or not peer.received.audio:
+        return []
+    chunks = audio[: len(audio) // 320 * 320].reshape(-1, 320)
+    # Chunk k left the peer at `started + 0.02 k` (SpeechTrack paces them so).
+    sent = onsets(started + 0.02 * np.arange(len(chunks)), np.abs(chunks).max(axis=1) > LOUD)
+    back = onsets(
+        np.array([arrivals.get(pts, np.nan) for _, pts, _ in peer.received.audio]),
+        np.array([np.abs(chunk).max() > LOUD for _, _, chunk in peer.received.audio]),
+    )
+    delays = []
+    for onset in sent[(sent >= window[0]) & (sent < window[1] - 1.0)]:
+        later = back[(back > onset) & (back < onset + 1.0)]
+        if len(later):
+            delays.append(float(later[0] - onset))
+    return delays
 
 
 def events(pusher: LipSyncPusher, kind: str) -> list[dict[str, Any]]:

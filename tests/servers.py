@@ -28,11 +28,12 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    engine: Any = None, **settings: Any
+    engine: Any = None, delay: float | None = None, **settings: Any
 ) -> AsyncIterator[tuple[web.Application, str]]:
-    """The server on this event loop: its app and its URL. `engine` replaces the animator."""
+    """The server on this event loop: its app and its URL. `engine` replaces the animator;
+    `delay` fixes the delay (else it follows the measured jitter)."""
     config = ServerConfig(offline=True, **settings)
-    app = build_app(config, engine=Animator() if engine is None else engine)
+    app = build_app(config, engine=Animator() if engine is None else engine, delay=delay)
     runner = app_runner(app, config)
     await runner.setup()
     try:

@@ -9,11 +9,11 @@ import pytest
 
 from wav2lip.animator import TOP, AnimatedFace, Animator, mouth_opening
 from wav2lip.audio import (
-    LOOKAHEAD_SAMPLES,
     MEL_STEP,
     N_MELS,
     SAMPLE_RATE,
     SAMPLES_PER_VIDEO_FRAME,
+    lookahead_samples,
     mel_windows,
     melspectrogram,
 )
@@ -120,13 +120,14 @@ def test_weights_the_first_half_of_the_window() -> None:
 def test_mouth_follows_real_speech(speech_16k: np.ndarray, face: AnimatedFace) -> None:
     silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
     wav = np.concatenate([silence, speech_16k, silence])
-    mels = np.stack(list(mel_windows(melspectrogram(wav))))
+    mels = np.stack(list(mel_windows(melspectrogram(wav), "official")))
     out = Animator().infer(face, mels)
     change = mouth_change(out, face.crop)
 
     starts = np.arange(len(out)) * SAMPLES_PER_VIDEO_FRAME
     # Frames whose whole window (with its STFT reach) lies in the added silence rest exactly.
-    quiet = (starts + LOOKAHEAD_SAMPLES < len(silence)) | (starts - 400 >= len(wav) - len(silence))
+    reach = lookahead_samples("official")
+    quiet = (starts + reach < len(silence)) | (starts - 400 >= len(wav) - len(silence))
     speech = (starts >= len(silence)) & (starts < len(wav) - len(silence))
     assert quiet.sum() > 30 and speech.sum() > 50
     np.testing.assert_array_equal(change[quiet], 0.0)

@@ -170,8 +170,13 @@ async def test_concurrent_offers_never_exceed_the_limit(server) -> None:
 
 
 def test_a_delay_too_short_for_the_audio_window_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"--delay must be more than 0\.2725"):
+    # The window's look-ahead (172.5 ms as trained, 212.5 ms as the official inference) and
+    # the jitter allowance.
+    with pytest.raises(ValueError, match=r"--delay must be more than 0\.2325"):
         build_app(ServerConfig(offline=True), engine=Animator(), delay=0.2)
+    build_app(ServerConfig(offline=True), engine=Animator(), delay=0.24)
+    with pytest.raises(ValueError, match=r"--delay must be more than 0\.2725"):
+        build_app(ServerConfig(offline=True, alignment="official"), engine=Animator(), delay=0.24)
 
 
 def test_serve_freezes_what_start_up_made(monkeypatch) -> None:

@@ -73,18 +73,35 @@ def test_stream_emits_each_frame_as_soon_as_final() -> None:
     assert stream.push(np.zeros(400)).shape == (80, 2)
 
 
-def test_lookahead_is_what_the_last_window_needs() -> None:
+@pytest.mark.parametrize(
+    ("alignment", "shift", "samples"), [("official", 0, 3400), ("training", 1, 2760)]
+)
+def test_lookahead_is_what_the_last_window_needs(alignment, shift, samples) -> None:
     needs = []
-    for frame in range(200):
-        last_mel = int(frame * 80 / 25) + 15
+    for frame in range(1, 200):
+        last_mel = int((frame - shift) * 80 / 25) + 15
         needs.append(last_mel * 200 + 400 - frame * 640)
-    assert max(needs) == audio.LOOKAHEAD_SAMPLES == 3400
-    assert pytest.approx(0.2125) == audio.LOOKAHEAD_SECONDS
+    assert max(needs) == audio.lookahead_samples(alignment) == samples
+    assert pytest.approx(samples / 16000) == audio.lookahead_seconds(alignment)
+
+
+def test_training_window_rule() -> None:
+    """As wav2lip_train.py pairs them: frame i with the window from frame i - 1's time
+    (get_segmented_mels: start_frame_num = frame_id + 1, crop_audio_window(spec, i - 2))."""
+    mel = np.arange(80 * 100, dtype=np.float32).reshape(80, 100) % 100
+    starts = [int(80.0 * ((i + 1) - 2) / 25) for i in range(1, 30)]
+    assert [audio.window_start(i, "training") for i in range(1, 30)] == starts
+    assert starts[:6] == [0, 3, 6, 9, 12, 16]
+    assert audio.window_start(0, "training") == 0  # no frame before the first
+    assert [mel_window(mel, i)[0, 0] for i in (1, 2, 6)] == [0, 3, 16]  # the default
+    windows = list(mel_windows(mel))
+    assert [w[0, 0] for w in windows[:4]] == [0, 0, 3, 6]
+    assert windows[-1][0, 0] == 84
 
 
 def test_official_window_rule() -> None:
     mel = np.arange(80 * 100, dtype=np.float32).reshape(80, 100) % 100
-    windows = list(mel_windows(mel))
+    windows = list(mel_windows(mel, "official"))
     # The official loop: start = int(i * 3.2) until start + 16 > 100, then the last 16 frames.
     expected_starts = [int(i * 3.2) for i in range(100) if int(i * 3.2) + 16 <= 100]
     assert len(windows) == len(expected_starts) + 1
@@ -92,10 +109,10 @@ def test_official_window_rule() -> None:
         assert window.shape == (80, 16)
         assert window[0, 0] == start
     assert windows[-1][0, 0] == 84
-    assert mel_window(mel, 5)[0, 0] == 16
-    assert mel_window(mel, 1000)[0, 0] == 84
+    assert mel_window(mel, 5, "official")[0, 0] == 16
+    assert mel_window(mel, 1000, "official")[0, 0] == 84
     with pytest.raises(ValueError, match="audio too short"):
-        list(mel_windows(mel[:, :15]))
+        list(mel_windows(mel[:, :15], "official"))
 
 
 def test_load_audio_resamples_to_16k_mono(speech_wav, tmp_path) -> None:

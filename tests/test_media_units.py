@@ -12,7 +12,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from rtc_server.microphone import Microphone
-from rtc_server.scheduler import RECENT_BATCHES, Capacity, InferenceScheduler
+from rtc_server.scheduler import ACTIVE_FOR, RECENT_BATCHES, Capacity, InferenceScheduler
 from rtc_server.timeline import AudioTimeline
 from wav2lip.audio import melspectrogram, samples_needed
 
@@ -102,9 +102,9 @@ def test_samples_needed_matches_the_mel_frames_a_window_reads() -> None:
     rng = np.random.default_rng(0)
     audio = rng.standard_normal(16000 * 2).astype(np.float32)
     full = melspectrogram(audio)
-    for frame in (0, 1, 5, 17):
-        need = samples_needed(frame)
-        start = int(frame * 3.2)
+    for frame, alignment in [(f, a) for f in (0, 1, 5, 17) for a in ("official", "training")]:
+        need = samples_needed(frame, alignment)
+        start = max(0, int((frame - (alignment == "training")) * 3.2))
         window = melspectrogram(audio[:need])[:, start : start + 16]
         # With just `need` samples, the frame's last mel frame is already final.
         assert np.abs(window - full[:, start : start + 16]).max() < 1e-4
@@ -264,3 +264,21 @@ async def test_microphone_recovers_from_a_start_stalled_longer_than_the_anchorin
     assert abs(microphone.first_index) <= 320  # back where the peer's first sample belongs
     arrived_end = frames * 0.02 * 16000
     assert abs(ends[-1] - arrived_end) <= 320
+
+
+async def test_a_session_in_silence_leaves_its_share_to_the_one_that_speaks() -> None:
+    """Two sessions on a device that makes 20 frames a second: while one is silent (its frames
+    are its cached silent mouth, none submitted) the other gets the device's whole capacity,
+    not half of it."""
+    scheduler = InferenceScheduler(_SlowEngine(), max_batch=1)
+    scheduler.seconds_per_frame = 0.05
+    speaking, silent = _Sink(), _Sink()
+    mel = np.zeros((80, 16), np.float32)
+    due = time.monotonic() + 10
+    assert scheduler.submit(silent, 0, mel, due)  # its last word
+    await asyncio.sleep(ACTIVE_FOR + 0.05)  # then silence
+    accepted = [i for i in range(50) if scheduler.submit(speaking, i, mel, due)]
+    assert abs(len(accepted) - 50 * 0.9 / (0.05 * 25)) <= 1, len(accepted)  # not halved
+    assert scheduler.submit(silent, 1, mel, due)  # it speaks again: they share
+    accepted = [i for i in range(50, 100) if scheduler.submit(speaking, i, mel, due)]
+    assert abs(len(accepted) - 50 * 0.9 / (0.05 * 25 * 2)) <= 1, len(accepted)

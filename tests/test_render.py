@@ -33,12 +33,11 @@ def test_render_speech_to_mp4(
     tmp_path: Path, faces_dir: Path, speech_wav: Path, speech_16k: np.ndarray, checkpoint_path
 ) -> None:
     out = tmp_path / "out.mp4"
-    code = _render(
-        faces_dir / "obama.jpg", speech_wav, out, "--checkpoint", str(checkpoint_path), "-q"
-    )
+    photo, flags = faces_dir / "obama.jpg", ("--checkpoint", str(checkpoint_path), "-q")
+    code = _render(photo, speech_wav, out, *flags, "--alignment", "official")
     assert code == 0
     frames, audio_seconds, rate = _probe(out)
-    expected = len(list(mel_windows(melspectrogram(speech_16k))))
+    expected = len(list(mel_windows(melspectrogram(speech_16k), "official")))
     assert len(frames) == expected  # one frame per official mel window
     assert rate == 16000
     assert abs(audio_seconds - len(speech_16k) / 16000) < 0.1

@@ -222,9 +222,11 @@ async def test_wav2lip_on_cpu_keeps_25_fps_with_bounded_lag(
     times = np.array([t for t, _, _ in peer.received.video])
     steady = times[times > times[0] + 1.0]
     assert (len(steady) - 1) / (steady[-1] - steady[0]) >= 24
-    assert stats["generated"] >= stats["delivered"] // 2  # frames really inferred
+    # Frames really inferred, or in silence the cached silent mouth.
+    fresh = stats["generated"] + stats["silent"]
+    assert fresh >= stats["delivered"] // 2 and stats["silent"] > 0
     # Each delivered frame is a new one or a repeat of the last one.
-    assert stats["delivered"] - stats["repeated"] <= stats["generated"]
+    assert stats["delivered"] - stats["repeated"] <= fresh
     # Lag stays at the configured delay (plus scheduling noise), never growing.
     assert stats["lag_ms"] < session.options.delay * 1000 + 150
     reports = [e for e in peer.received.events if e["type"] == "stats"]

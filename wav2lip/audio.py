@@ -6,7 +6,14 @@ used for training, magnitude, 80 Slaney mel bands from 55 to 7600 Hz, ``20*log10
 - 20`` dB, and symmetric normalisation to [-4, 4].
 
 `MelStream` computes the same frames incrementally for live audio, and `mel_window` maps video
-frames to mel windows with the official rule.
+frames to mel windows, with either of two alignments:
+
+- ``training``, the default: video frame i gets the 16 mel frames starting at frame i - 1's
+  time, as Wav2Lip was trained (``wav2lip_train.py``: ``get_segmented_mels`` starts at
+  ``frame_id + 1`` and crops ``i - 2``). It needs 2,760 samples (172.5 ms) of audio beyond a
+  frame's start.
+- ``official``, as the official ``inference.py``: the window starting at frame i itself, which
+  shows each mouth 40 ms ahead of its sound and needs 3,400 samples (212.5 ms).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import av
 import librosa
@@ -32,13 +40,10 @@ MIN_LEVEL_DB = -100.0
 REF_LEVEL_DB = 20.0
 MAX_ABS = 4.0
 
-# A mel frame t is centred on sample t*HOP and spans N_FFT samples: it is final once
-# t*HOP + N_FFT//2 samples have arrived.
-# A video frame i reads mel frames int(3.2 i) .. int(3.2 i) + 15, so it needs audio up to
-# (int(3.2 i) + 15) * HOP + N_FFT // 2 samples; that is at most this far beyond the frame's start
-# (i * 640 samples), reached whenever 3.2 i is a whole number:
-LOOKAHEAD_SAMPLES = (MEL_STEP - 1) * HOP + N_FFT // 2  # 3400 samples
-LOOKAHEAD_SECONDS = LOOKAHEAD_SAMPLES / SAMPLE_RATE  # 0.2125 s
+Alignment = Literal["training", "official"]
+ALIGNMENTS: tuple[Alignment, ...] = ("training", "official")
+# How many video frames earlier than its frame a window starts.
+_SHIFT = {"training": 1, "official": 0}
 
 
 @lru_cache(maxsize=1)
@@ -46,6 +51,13 @@ def _mel_basis() -> np.ndarray:
     return librosa.filters.mel(
         sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=55, fmax=7600
     ).astype(np.float32)
+
+
+def mel_level(db: float) -> float:
+    """The normalised mel value of a level in dB on this front end's scale (20 log10 - 20,
+    where digital silence is at -100 dB and becomes -4)."""
+    normed = (2 * MAX_ABS) * ((db - MIN_LEVEL_DB) / -MIN_LEVEL_DB) - MAX_ABS
+    return float(np.clip(normed, -MAX_ABS, MAX_ABS))
 
 
 def prepare() -> None:
@@ -131,35 +143,53 @@ class MelStream:
         return mel
 
 
-def window_start(frame: int) -> int:
-    """The first mel frame of video frame `frame`'s window (the official rule)."""
-    return int(frame * MEL_PER_VIDEO_FRAME)
+def window_start(frame: int, alignment: Alignment = "training") -> int:
+    """The first mel frame of video frame `frame`'s window (the first frame's, under
+    `training`, starts at 0: there is no frame before it)."""
+    return max(0, int((frame - _SHIFT[alignment]) * MEL_PER_VIDEO_FRAME))
 
 
-def samples_needed(frame: int) -> int:
-    """Samples of audio video frame `frame` needs before its whole mel window is final."""
-    return (window_start(frame) + MEL_STEP - 1) * HOP + N_FFT // 2
+def samples_needed(frame: int, alignment: Alignment = "training") -> int:
+    """Samples of audio video frame `frame` needs before its whole mel window is final.
+
+    A mel frame t is centred on sample t*HOP and spans N_FFT samples: it is final once
+    t*HOP + N_FFT//2 samples have arrived."""
+    return (window_start(frame, alignment) + MEL_STEP - 1) * HOP + N_FFT // 2
 
 
-def mel_window(mel: np.ndarray, frame: int) -> np.ndarray:
-    """The official inference's mel window for video frame `frame`: (80, 16)."""
-    start = window_start(frame)
+@lru_cache(maxsize=2)
+def lookahead_samples(alignment: Alignment = "training") -> int:
+    """How far beyond a video frame's start (every frame's but the first) its window reaches:
+    the least audio a live frame must wait for. The most is reached whenever the window's
+    start is a whole number of mel frames: every fifth frame."""
+    return max(
+        samples_needed(frame, alignment) - frame * SAMPLES_PER_VIDEO_FRAME for frame in range(1, 11)
+    )
+
+
+def lookahead_seconds(alignment: Alignment = "training") -> float:
+    return lookahead_samples(alignment) / SAMPLE_RATE
+
+
+def mel_window(mel: np.ndarray, frame: int, alignment: Alignment = "training") -> np.ndarray:
+    """Video frame `frame`'s mel window: (80, 16); past the end, the last 16 mel frames."""
+    start = window_start(frame, alignment)
     if start + MEL_STEP > mel.shape[1]:
         return mel[:, mel.shape[1] - MEL_STEP :]
     return mel[:, start : start + MEL_STEP]
 
 
-def mel_windows(mel: np.ndarray) -> Iterator[np.ndarray]:
-    """Every video frame's window, as official inference: until one would pass the end, which
-    is replaced by the last 16 mel frames."""
+def mel_windows(mel: np.ndarray, alignment: Alignment = "training") -> Iterator[np.ndarray]:
+    """Every video frame's window, as official inference does: until one would pass the end,
+    which is replaced by the last 16 mel frames."""
     if mel.shape[1] < MEL_STEP:
         raise ValueError(
             f"audio too short: need at least {MEL_STEP} mel frames "
             f"({(MEL_STEP - 1) * HOP / SAMPLE_RATE:.2f} s), got {mel.shape[1]}"
         )
     frame = 0
-    while window_start(frame) + MEL_STEP <= mel.shape[1]:
-        yield mel_window(mel, frame)
+    while window_start(frame, alignment) + MEL_STEP <= mel.shape[1]:
+        yield mel_window(mel, frame, alignment)
         frame += 1
     yield mel[:, mel.shape[1] - MEL_STEP :]
 

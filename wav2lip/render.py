@@ -15,7 +15,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from wav2lip.audio import FPS, SAMPLE_RATE, load_audio, mel_windows, melspectrogram
+from wav2lip.audio import FPS, SAMPLE_RATE, Alignment, load_audio, mel_windows, melspectrogram
 from wav2lip.blend import Blender
 from wav2lip.engine import Engine
 from wav2lip.faces import FaceBox, find_face, model_input, read_image
@@ -65,11 +65,13 @@ def render(
     blend: str = "feather",
     batch_size: int = 16,
     progress: bool = True,
+    alignment: Alignment = "training",
 ) -> RenderResult:
-    """Render `face` speaking `audio` into `output` (an .mp4)."""
+    """Render `face` speaking `audio` into `output` (an .mp4); `alignment` "official" gives
+    each frame the audio window the official inference.py gives it."""
     image = even_size(read_image(face))
     samples = load_audio(audio)
-    windows = list(mel_windows(melspectrogram(samples)))
+    windows = list(mel_windows(melspectrogram(samples), alignment))
     face_box = find_face(image, box=box, s3fd_path=s3fd_path)
     prepared = engine.prepare(model_input(image, face_box))
     blender = Blender(face_box, image.shape, mode=blend)
