@@ -226,8 +226,9 @@ def _summary(
         "delay_ms_by_second": [s.get("delay_ms") for s in stats],
         "jitter_ms_by_second": [s.get("jitter_ms") for s in stats],
         "speech_to_return_ms": [round(1000 * d) for d in speech_to_return],
-        "lag_p50_ms": round(float(np.median(lag50))),
-        "lag_p95_ms": round(float(np.percentile(lag95, 95))),
+        # None: no fresh mouth was shown in the window, only the resting face.
+        "lag_p50_ms": round(float(np.median(lag50))) if lag50 else None,
+        "lag_p95_ms": round(float(np.percentile(lag95, 95))) if lag95 else None,
         "dropped_total": stats[-1]["dropped"],
         "longest_repeat_run": stats[-1]["longest_repeat_run"],
     }
@@ -450,6 +451,9 @@ def markdown(report: dict) -> str:
             if returned
             else "-"
         )
+        ages = [s for s in per if s["lag_p50_ms"] is not None]  # sessions that showed a mouth
+        age_p50 = round(float(np.median([s["lag_p50_ms"] for s in ages]))) if ages else "-"
+        age_p95 = max(s["lag_p95_ms"] for s in ages) if ages else "-"
         late = " (peers connected late)" if run["peers_connected_late"] else ""
         lines.append(
             f"| {run['sessions']}{late} | {run.get('workers', 0) or '-'} "
@@ -458,8 +462,7 @@ def markdown(report: dict) -> str:
             f"| {'-' if gpu is None else f'{gpu}%'} "
             f"| {min(s['delivered_fps'] for s in per)} | {min(generated)}-{max(generated)} "
             f"| {min(fresh)}-{max(fresh)} "
-            f"| {round(float(np.median([s['lag_p50_ms'] for s in per])))} "
-            f"| {max(s['lag_p95_ms'] for s in per)} | {back} "
+            f"| {age_p50} | {age_p95} | {back} "
             f"| {max(s['dropped_total'] for s in per)} "
             f"| {max(s['longest_repeat_run'] for s in per)} |"
         )
