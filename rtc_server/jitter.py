@@ -6,7 +6,9 @@ packet's length (20 ms from a browser) and the network's jitter. The allowance i
 percentile of that over the last few seconds plus a margin, within bounds: it grows at once when
 the network gets worse (a frame whose audio is not there in time goes ahead with silence in it)
 and shrinks slowly when it gets better (so that one quiet moment does not undo it). On loopback
-it settles at its floor; the session's delay follows it (see `Session._adapt_delay`).
+a microphone's settles a little above a packet's length and the margin (about 33 ms; 38 to 43
+with the benchmark's peers on the same two cores). The session's delay follows it (see
+`Session._adapt_delay`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections import deque
 
 import numpy as np
 
-FLOOR = 0.01  # seconds: scheduling noise on a loaded machine, even on loopback (beyond which
-# a packet's own length comes on top, measured)
+# Seconds: what a loaded machine's scheduling adds with no network at all (pushed audio, whose
+# frames are placed as they come, has no packet length on top).
+FLOOR = 0.01
 CEILING = 0.15  # beyond this, waiting costs more than the audio's missing bits
 MARGIN = 0.01
 PERCENTILE = 95

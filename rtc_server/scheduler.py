@@ -4,9 +4,11 @@ Sessions submit frame jobs (a mel window and the time the frame is due on the wi
 worker thread takes the ready jobs of all sessions, earliest due first, runs them as one batch
 through the engine, composites each mouth into its session's photo (on a few threads at once:
 with many sessions on a GPU, compositing outweighs inference), and hands the finished frames
-back to the event loop. A job that could no longer finish before it is due is dropped
-instead of run: the session repeats its previous frame and counts the drop, so when the device
-is overloaded lag stays put and only the frame rate of new mouths falls.
+back to the event loop. A job that could no longer finish before it is due (by the device's
+measured speed; when that has let nothing run for PROBE_AFTER, one frame runs anyway, to
+measure it again) is dropped instead of run: the session repeats its previous frame and counts
+the drop, so when the device is overloaded lag stays put and only the frame rate of new mouths
+falls.
 
 When the sessions ask for more frames than the device makes, each session gets an equal share,
 and within a session the frames skipped are spread out (a credit per session, topped up by its
@@ -59,6 +61,10 @@ BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 BATCH_WINDOW = 0.005
 COMPOSE_THREADS = min(4, os.cpu_count() or 1)  # OpenCV and PyAV release the GIL as they work
 RECENT_BATCHES = 50  # full batches the device's speed is judged on: 2 s of one session
+# With nothing run for this long while frames were dropped as too late for the device's
+# measure, a frame that can still make its time runs anyway: the measure is only corrected by
+# runs, and a slow spell that pushed it beyond every frame's slack would otherwise stay in it.
+PROBE_AFTER = 0.5
 # Batches failing in a row before the engine counts as failed for good: one failure may be a
 # passing hiccup (its frames show as repeats), three in a row are not.
 MAX_FAILURES = 3
@@ -150,6 +156,7 @@ class InferenceScheduler:
         # less to batch, get smaller batches, and spiral down.
         self._capacity = Capacity(0.02)
         self._credit: dict[FrameSink, float] = {}
+        self._last_run = 0.0  # when the last batch started (time.monotonic())
         # When each session last submitted a frame. A session in silence submits none (its
         # frames are its cached silent mouth): after ACTIVE_FOR it takes no share.
         self._last_submit: dict[FrameSink, float] = {}
@@ -238,8 +245,9 @@ class InferenceScheduler:
                 return
             self._cond.wait(remaining)
 
-    def _take_batch(self) -> tuple[list[FrameJob], list[FrameJob]]:
-        """Earliest-due jobs that can still finish in time, and those that cannot.
+    def _take_batch(self) -> tuple[list[FrameJob], list[FrameJob], bool]:
+        """Earliest-due jobs that can still finish in time, those that cannot, and whether
+        the batch is a probe (one frame run although the measure says it will be late).
 
         A batch finishes all at once, so it grows only while the whole batch would still be
         done before its earliest frame is due; later jobs wait for the next batch.
@@ -254,12 +262,14 @@ class InferenceScheduler:
                 continue
             finish = now + self.seconds_per_frame * (len(batch) + 1)
             if not batch and finish > job.due:
+                if now < job.due and now - self._last_run >= PROBE_AFTER:
+                    return [heapq.heappop(self._heap)], late, True
                 late.append(heapq.heappop(self._heap))
             elif batch and finish > batch[0].due:
                 break
             else:
                 batch.append(heapq.heappop(self._heap))
-        return batch, late
+        return batch, late, False
 
     def _warm_up(self) -> None:
         """Run every batch size once (an engine may prepare per size, e.g. record a CUDA
@@ -296,18 +306,19 @@ class InferenceScheduler:
 
     def _serve(self) -> None:
         failures = 0
+        self._last_run = time.monotonic()
         while True:
             with self._cond:
                 self._wait_for_batch()
                 if self._stopped:
                     return
-                batch, late = self._take_batch()
+                batch, late, probe = self._take_batch()
             for job in late:
                 self._call(job.sink.drop, job.index)
             if not batch:
                 continue
             try:
-                self._render(batch)
+                self._render(batch, probe)
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -333,8 +344,8 @@ class InferenceScheduler:
         if self._on_failure is not None:
             self._call(self._on_failure, reason)
 
-    def _render(self, batch: Sequence[FrameJob]) -> None:
-        started = time.monotonic()
+    def _render(self, batch: Sequence[FrameJob], probe: bool = False) -> None:
+        started = self._last_run = time.monotonic()
         faces = [job.face for job in batch]
         mouths = self.engine.infer(faces, np.stack([job.mel for job in batch]))
         batch_seconds = time.monotonic() - started
@@ -343,7 +354,11 @@ class InferenceScheduler:
         infer_seconds = batch_seconds / len(batch)
         frames = list(self._composers.map(_compose, batch, mouths))
         per_frame = (time.monotonic() - started) / len(batch)
-        if len(batch) == self.max_batch:
+        if probe and per_frame < self.seconds_per_frame:
+            # Even one frame alone, dearer than its share of a full batch, beat the measure:
+            # the measure is stale. Judge the device afresh from this run.
+            self.seconds_per_frame = per_frame
+        elif len(batch) == self.max_batch:
             self._capacity.add(per_frame)
         for job, frame in zip(batch, frames):
             self._call(job.sink.deliver, job.index, frame, infer_seconds)

@@ -434,7 +434,7 @@ class Session:
             self._mel_base += keep
 
     def _track_speaking(self, samples: np.ndarray, start: int) -> None:
-        """Speaking events, and where on the timeline the sound was (`_quiet_around`)."""
+        """Speaking events, and where on the timeline the sound was (`_quiet_around_output`)."""
         if len(samples) == 0:
             return
         loud = float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS

@@ -239,6 +239,27 @@ def test_a_passing_slow_batch_is_not_lost_capacity() -> None:
     assert max(np.diff(accepted)) == 2
 
 
+async def test_a_device_judged_too_slow_is_measured_again() -> None:
+    """A slow spell (another process took the cores) left the device's measure above every
+    frame's slack. Judged by it alone, every frame would be dropped as late, and with nothing
+    run the measure would never change: the session would show no new mouth again. Once
+    nothing has run for PROBE_AFTER, a frame that can still make its time runs anyway, and
+    the measure follows what it took."""
+    scheduler = InferenceScheduler(_FastEngine(), max_batch=1)
+    scheduler.start()
+    await scheduler.warmed_up()
+    scheduler.seconds_per_frame = 1.0
+    sink, mel = _Sink(), np.zeros((80, 16), np.float32)
+    for i in range(100):  # 4 s of one session's frames, each due 0.1 s after it is ready
+        scheduler.submit(sink, i, mel, time.monotonic() + 0.1)
+        await asyncio.sleep(0.04)
+    await asyncio.sleep(0.1)
+    scheduler.stop()
+    assert scheduler.seconds_per_frame < 0.01
+    # The last second: every frame made (but one or two, should this machine stall).
+    assert len([i for i in sink.delivered if i >= 75]) >= 23, sink.delivered
+
+
 async def test_microphone_follows_a_drifting_sender_clock() -> None:
     """A sender whose clock runs 1% slow: its frames arrive ever later than their stamps say.
     Without correction the audio would be read as silence before it comes; with it, the
