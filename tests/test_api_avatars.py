@@ -273,7 +273,6 @@ async def test_still_healthy_after_bad_requests(client: TestClient) -> None:
     health = await response.json()
     assert health["status"] == "ok"
     assert (health["engine"], health["sessions"]) == ("animator", 0)
-    assert health["avatars"] >= 2
     (worker,) = health["workers"]
     assert worker["server_ice"] == {"stun": None, "turn": None}
 
