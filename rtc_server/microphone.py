@@ -60,6 +60,7 @@ class Microphone:
         self._unwrapped = 0
         self.last_media = time.monotonic()
         self.frames = 0
+        self.ended = False  # the track has ended: no more audio will come
 
     def _index(self, pts: int, time_base: Fraction, duration: int) -> int:
         """The session-timeline sample index of a frame with this RTP timestamp.
@@ -136,3 +137,4 @@ class Microphone:
                 self._on_audio(self._place(frame), self.last_media)
         except MediaStreamError:
             log.debug("microphone track ended")
+            self.ended = True

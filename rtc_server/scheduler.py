@@ -156,7 +156,9 @@ class InferenceScheduler:
         # less to batch, get smaller batches, and spiral down.
         self._capacity = Capacity(0.02)
         self._credit: dict[FrameSink, float] = {}
-        self._last_run = 0.0  # when the last batch started (time.monotonic())
+        # When a frame was first dropped as too late since the last batch ran (None: none
+        # was): a probe runs once that is PROBE_AFTER ago.
+        self._late_since: float | None = None
         # When each session last submitted a frame. A session in silence submits none (its
         # frames are its cached silent mouth): after ACTIVE_FOR it takes no share.
         self._last_submit: dict[FrameSink, float] = {}
@@ -262,8 +264,10 @@ class InferenceScheduler:
                 continue
             finish = now + self.seconds_per_frame * (len(batch) + 1)
             if not batch and finish > job.due:
-                if now < job.due and now - self._last_run >= PROBE_AFTER:
+                since = self._late_since
+                if now < job.due and since is not None and now - since >= PROBE_AFTER:
                     return [heapq.heappop(self._heap)], late, True
+                self._late_since = now if since is None else since
                 late.append(heapq.heappop(self._heap))
             elif batch and finish > batch[0].due:
                 break
@@ -306,7 +310,6 @@ class InferenceScheduler:
 
     def _serve(self) -> None:
         failures = 0
-        self._last_run = time.monotonic()
         while True:
             with self._cond:
                 self._wait_for_batch()
@@ -345,7 +348,8 @@ class InferenceScheduler:
             self._call(self._on_failure, reason)
 
     def _render(self, batch: Sequence[FrameJob], probe: bool = False) -> None:
-        started = self._last_run = time.monotonic()
+        started = time.monotonic()
+        self._late_since = None
         faces = [job.face for job in batch]
         mouths = self.engine.infer(faces, np.stack([job.mel for job in batch]))
         batch_seconds = time.monotonic() - started
@@ -354,9 +358,9 @@ class InferenceScheduler:
         infer_seconds = batch_seconds / len(batch)
         frames = list(self._composers.map(_compose, batch, mouths))
         per_frame = (time.monotonic() - started) / len(batch)
-        if probe and per_frame < self.seconds_per_frame:
-            # Even one frame alone, dearer than its share of a full batch, beat the measure:
-            # the measure is stale. Judge the device afresh from this run.
+        if probe and time.monotonic() <= batch[0].due:
+            # A frame the measure said would be late made its time: the measure is stale.
+            # Judge the device afresh from this run (full batches soon add to it).
             self.seconds_per_frame = per_frame
         elif len(batch) == self.max_batch:
             self._capacity.add(per_frame)

@@ -182,7 +182,9 @@ class Session:
         self.audio_missing = 0  # frames that went ahead before their microphone audio came
         # Silence: every silent window is inferred as the same one, once; then reused.
         self._silence_level = mel_level(options.silence_db)
-        self._silent_index: int | None = None  # the frame whose result becomes the cache
+        # Silent frames sent to be inferred while there is no cache yet: the first of them
+        # to come back becomes it (several may be in flight: a silence goes on meanwhile).
+        self._silent_pending: set[int] = set()
         self._silent_frame: np.ndarray | None = None  # its I420 picture
         self.silent = 0  # frames shown with the cached silent mouth
 
@@ -388,13 +390,16 @@ class Session:
             self._timeline.read("out", behind)
         end = self._timeline.written_end
         # Frames whose audio is overdue go ahead with silence: a stalled or muted microphone
-        # still yields 25 fps of resting mouth.
+        # still yields 25 fps of resting mouth. Overdue by the allowance the delay has room
+        # for: while the delay grows toward a larger allowance, a frame that waited for the
+        # allowance itself would be past due when its audio came, and not be made at all.
+        wait = min(self.jitter.value, self.clock.delay - self._delay_floor)
         overdue = self._next_frame
         alignment = self.options.alignment
-        while samples_needed(overdue, alignment) / SAMPLE_RATE + self.jitter.value <= now:
+        while samples_needed(overdue, alignment) / SAMPLE_RATE + wait <= now:
             overdue += 1
         if overdue > self._next_frame:
-            if self._microphone is not None:
+            if self._microphone is not None and not self._microphone.ended:
                 self.audio_missing += sum(
                     samples_needed(f, alignment) > end for f in range(self._next_frame, overdue)
                 )
@@ -418,14 +423,15 @@ class Session:
                 if self._silent_frame is not None:
                     # The same input as the frame cached: the same pixels, without the model.
                     picture = av.VideoFrame.from_ndarray(self._silent_frame, format="yuv420p")
-                    self._ready[frame] = picture
+                    self._make_ready(frame, picture)
                     self.silent += 1
                     frame += 1
                     continue
                 window[:] = -MAX_ABS  # every silent window the same: digital silence's
-                self._silent_index = frame
+                self._silent_pending.add(frame)
             if due <= time.monotonic() or not self._scheduler.submit(self, frame, window, due):
                 self.skipped += 1
+                self._silent_pending.discard(frame)
             frame += 1
         self._next_frame = frame
         keep = window_start(frame, alignment) - self._mel_base
@@ -457,20 +463,27 @@ class Session:
 
     def deliver(self, index: int, frame: av.VideoFrame, infer_seconds: float) -> None:
         self._infer_ms.append(infer_seconds * 1000)
+        if index in self._silent_pending:  # the floor window's mouth, whenever it comes
+            self._silent_pending.clear()
+            self._silent_frame = frame.to_ndarray()
         if index in self._rest:  # made from audio that was cleared meanwhile
             return
-        if index == self._silent_index and self._silent_frame is None:
-            self._silent_frame = frame.to_ndarray()
         if index < self._sent_upto:  # too late: its slot went out as a repeat
             self.skipped += 1
             return
         self.generated += 1
+        self._make_ready(index, frame)
+
+    def _make_ready(self, index: int, frame: av.VideoFrame) -> None:
+        """Keep a finished frame for its turn, and only the newest MAX_READY: no sender may
+        be pulling (an ingest with no viewer)."""
         self._ready[index] = frame
-        while len(self._ready) > MAX_READY:  # the sender stopped pulling: keep the newest
+        while len(self._ready) > MAX_READY:
             del self._ready[min(self._ready)]
 
     def drop(self, index: int) -> None:
         self.skipped += 1
+        self._silent_pending.discard(index)
 
     @staticmethod
     def _to_video_frame(image: np.ndarray) -> av.VideoFrame:

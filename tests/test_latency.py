@@ -12,12 +12,15 @@ import aiohttp
 import av
 import numpy as np
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtp import RtpPacket
 
 from client.peer import LipSyncPeer, SpeechTrack
 from rtc_server import jitter
 from rtc_server.jitter import JitterAllowance
-from rtc_server.receivers import PREFETCH
-from rtc_server.session import JITTER_SECONDS, Session
+from rtc_server.receivers import PromptAudioBuffer
+from rtc_server.session import JITTER_SECONDS, MAX_READY, Session
 from signaling.server import SESSIONS
 from tests.faulty import SlowAnimator
 from tests.measure import speech_to_return, time_audio_packets
@@ -149,11 +152,11 @@ async def test_the_allowance_follows_the_jitter_and_no_audio_in_it_is_missed(
         assert abs(delay - (start_delay - JITTER_SECONDS + allowance)) < 0.02
 
 
-class CountingAnimator(Animator):
-    """The animator, counting the windows it is asked to infer."""
+class CountingAnimator(SlowAnimator):
+    """The animator, taking `seconds` a frame and counting the windows it is asked to infer."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
         self.windows = 0
 
     def infer(self, face: Any, mels: np.ndarray) -> np.ndarray:
@@ -161,8 +164,11 @@ class CountingAnimator(Animator):
         return super().infer(face, mels)
 
 
-async def test_silence_costs_no_inference_and_shows_the_same_pixels() -> None:
-    engine = CountingAnimator()
+@pytest.mark.parametrize("seconds", [0.0, 0.06], ids=["fast", "several-in-flight"])
+async def test_silence_costs_no_inference_and_shows_the_same_pixels(seconds: float) -> None:
+    """Once a silent frame's mouth is back, every silent frame shows it without the model. With
+    a slower device several silent frames are on their way at once: the first back is kept."""
+    engine = CountingAnimator(seconds)
     async with serving(engine, min_fps=0) as (app, url), aiohttp.ClientSession() as http:
         silence = np.zeros(16000 * 10, np.float32)
         peer = LipSyncPeer(url, silence, receive_audio=False)
@@ -184,13 +190,63 @@ async def test_silence_costs_no_inference_and_shows_the_same_pixels() -> None:
         await peer.close(http)
 
 
+async def test_an_ingest_in_silence_with_no_viewer_keeps_few_frames() -> None:
+    """Nobody pulls an ingest's video until a viewer comes: its frames, the cached silent
+    ones too, are kept only up to MAX_READY, not 25 pictures a second for as long as it
+    lasts."""
+    async with serving(min_fps=0) as (app, url), aiohttp.ClientSession() as http:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver(SpeechTrack(np.zeros(16000 * 10, np.float32)), direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = {"Content-Type": "application/sdp"}
+        async with http.post(f"{url}/whip", data=pc.localDescription.sdp, headers=sdp) as response:
+            assert response.status == 201, await response.text()
+            answer = await response.text()
+            session_id = response.headers["Location"].removeprefix("/whip/")
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.sleep(4.0)
+        session: Session = app[SESSIONS].sessions[session_id]
+        assert session.silent > 40  # silence, shown by the cached mouth
+        assert len(session._ready) <= MAX_READY
+        await pc.close()
+
+
+def _packet(sequence: int) -> RtpPacket:
+    packet = RtpPacket(payload_type=111, sequence_number=sequence % 65536, timestamp=sequence * 960)
+    packet._data = bytes([sequence % 256])  # type: ignore[attr-defined]
+    return packet
+
+
+@pytest.mark.parametrize("buffer", ["aiortc's", "prompt"])
+def test_a_lost_packet_holds_nothing_back(buffer: str) -> None:
+    """Every packet is handed on as it comes, and a lost one holds back none after it. aiortc's
+    own buffer (prefetch 1, as tried first) waits for sixteen behind the gap, then keeps
+    fourteen (280 ms) behind for good; a packet older than one handed on, or a repeat, is
+    dropped; a stream that starts again far back is followed."""
+    jitter_buffer = JitterBuffer(16, prefetch=1) if buffer == "aiortc's" else PromptAudioBuffer()
+    sequences = [*range(65530, 65540), *range(65541, 65600)]  # wraps; 65540 is lost
+    held = []
+    for count, sequence in enumerate(sequences, 1):
+        _, frame = jitter_buffer.add(_packet(sequence))
+        out = count if frame is None else sequences.index(frame.timestamp // 960) + 1
+        held.append(count - out)
+    if buffer == "aiortc's":
+        assert max(held[-10:]) >= 14  # the loss left a backlog that never drains
+        return
+    assert held == [0] * len(sequences)
+    assert jitter_buffer.add(_packet(65540))[1] is None  # the lost one, too late: dropped
+    assert jitter_buffer.add(_packet(65599))[1] is None  # a repeat
+    assert jitter_buffer.add(_packet(65601))[1] is not None  # a gap forward: at once
+    assert jitter_buffer.add(_packet(1000))[1] is not None  # started again
+
+
 async def test_sound_comes_back_after_the_delay_not_a_playout_buffer_later(
     speech_16k: np.ndarray,
 ) -> None:
-    """The server decodes each microphone packet once the next shows it complete, instead of
-    holding four (80 ms) as aiortc's receiver does for a player; and the speech comes back
-    to the peer after the delay, not before it. How long after is the benchmark's to measure
-    (`bench.run`, speech to returned audio): on a loaded machine it moves by tens of ms."""
+    """The server decodes each microphone packet as it comes, instead of holding four (80 ms)
+    as aiortc's receiver does for a player; and the speech comes back to the peer after the
+    delay, not before it. How long after is the benchmark's to measure (`bench.run`, speech to
+    returned audio): on a loaded machine it moves by tens of ms."""
     pause = np.zeros(8000, np.float32)
     audio = np.tile(np.concatenate([pause, speech_16k]), 3)
     async with serving(delay=0.3, min_fps=0) as (app, url), aiohttp.ClientSession() as http:
@@ -199,7 +255,7 @@ async def test_sound_comes_back_after_the_delay_not_a_playout_buffer_later(
         arrivals = time_audio_packets(peer)
         session: Session = app[SESSIONS].sessions[peer.session_id]
         (receiver,) = [t.receiver for t in session.pc.getTransceivers() if t.kind == "audio"]
-        assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == PREFETCH == 1
+        assert isinstance(receiver._RTCRtpReceiver__jitter_buffer, PromptAudioBuffer)
         await asyncio.sleep(len(audio) / 16000 + 1.0)
         await peer.close(http)
     started = peer.speech.started_at
