@@ -3,7 +3,7 @@
 aiortc's audio receiver keeps its packets in a jitter buffer made for a player that must never
 run dry: it holds four (80 ms) before the first is decoded, releases one packet for each that
 arrives, and at a lost packet waits until sixteen have piled up behind the gap; then it goes on
-releasing one per arrival, so those sixteen (about 300 ms) stay behind for the rest of the call.
+releasing one per arrival, so some fourteen (280 ms) stay behind for the rest of the call.
 The server is no such player: the microphone places each frame on the session's timeline by
 its RTP timestamp, whenever it comes, and the session waits for late audio as long as that
 session's measured jitter says (`rtc_server.jitter`). An Opus packet is a whole frame, so each

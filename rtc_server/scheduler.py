@@ -5,10 +5,10 @@ worker thread takes the ready jobs of all sessions, earliest due first, runs the
 through the engine, composites each mouth into its session's photo (on a few threads at once:
 with many sessions on a GPU, compositing outweighs inference), and hands the finished frames
 back to the event loop. A job that could no longer finish before it is due (by the device's
-measured speed; when that has let nothing run for PROBE_AFTER, one frame runs anyway, to
-measure it again) is dropped instead of run: the session repeats its previous frame and counts
-the drop, so when the device is overloaded lag stays put and only the frame rate of new mouths
-falls.
+measured speed; when that has dropped frames for PROBE_AFTER with nothing run, one frame runs
+anyway, to measure it again) is dropped instead of run: the session repeats its previous
+frame and counts the drop, so when the device is overloaded lag stays put and only the frame
+rate of new mouths falls.
 
 When the sessions ask for more frames than the device makes, each session gets an equal share,
 and within a session the frames skipped are spread out (a credit per session, topped up by its
@@ -61,8 +61,8 @@ BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 BATCH_WINDOW = 0.005
 COMPOSE_THREADS = min(4, os.cpu_count() or 1)  # OpenCV and PyAV release the GIL as they work
 RECENT_BATCHES = 50  # full batches the device's speed is judged on: 2 s of one session
-# With nothing run for this long while frames were dropped as too late for the device's
-# measure, a frame that can still make its time runs anyway: the measure is only corrected by
+# Once frames have been dropped as too late for the device's measure for this long with
+# nothing run, a frame that can still make its time runs anyway: the measure is only corrected by
 # runs, and a slow spell that pushed it beyond every frame's slack would otherwise stay in it.
 PROBE_AFTER = 0.5
 # Batches failing in a row before the engine counts as failed for good: one failure may be a
