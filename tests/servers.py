@@ -1,7 +1,7 @@
 """A real one-process server with the animator on 127.0.0.1 (a free port), for tests: on the
 test's own event loop (`serving`), or on a thread of its own for tests that drive it from
 synchronous code (Playwright's sync API, Marionette, other programs); either may look inside
-it."""
+it. And `ingest`, a WHIP encoder to post to it."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import numpy as np
 from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from client.peer import SpeechTrack
 from signaling.config import ServerConfig
 from signaling.runner import app_runner
 from signaling.server import build_app
 from wav2lip.animator import Animator
+
+SDP = {"Content-Type": "application/sdp"}
 
 
 @dataclass
@@ -80,3 +86,19 @@ def serve_in_thread(config: ServerConfig) -> Iterator[Served]:
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(30)
+
+
+async def ingest(
+    http: aiohttp.ClientSession, url: str, audio: np.ndarray, headers: dict[str, str] | None = None
+) -> tuple[RTCPeerConnection, aiohttp.ClientResponse]:
+    """A WHIP encoder posting to `url`: an offer that only sends `audio`. Its connection, and
+    the server's response (the answer applied when it is 201)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver(SpeechTrack(audio), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    response = await http.post(
+        url, data=pc.localDescription.sdp, headers={**SDP, **(headers or {})}
+    )
+    if response.status == 201:
+        await pc.setRemoteDescription(RTCSessionDescription(await response.text(), "answer"))
+    return pc, response

@@ -12,7 +12,6 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
@@ -24,7 +23,7 @@ from rtc_server.session import JITTER_SECONDS, MAX_READY, Session
 from signaling.server import SESSIONS
 from tests.faulty import SlowAnimator
 from tests.measure import speech_to_return, time_audio_packets
-from tests.servers import serving
+from tests.servers import ingest, serving
 from wav2lip.animator import Animator
 from wav2lip.audio import MAX_ABS, MEL_STEP, N_MELS
 
@@ -195,15 +194,9 @@ async def test_an_ingest_in_silence_with_no_viewer_keeps_few_frames() -> None:
     ones too, are kept only up to MAX_READY, not 25 pictures a second for as long as it
     lasts."""
     async with serving(min_fps=0) as (app, url), aiohttp.ClientSession() as http:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver(SpeechTrack(np.zeros(16000 * 10, np.float32)), direction="sendonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = {"Content-Type": "application/sdp"}
-        async with http.post(f"{url}/whip", data=pc.localDescription.sdp, headers=sdp) as response:
-            assert response.status == 201, await response.text()
-            answer = await response.text()
-            session_id = response.headers["Location"].removeprefix("/whip/")
-        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        pc, response = await ingest(http, f"{url}/whip", np.zeros(16000 * 10, np.float32))
+        assert response.status == 201, await response.text()
+        session_id = response.headers["Location"].removeprefix("/whip/")
         await asyncio.sleep(4.0)
         session: Session = app[SESSIONS].sessions[session_id]
         assert session.silent > 40  # silence, shown by the cached mouth

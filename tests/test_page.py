@@ -322,6 +322,17 @@ SELECTED_PAIR = """async () => {
 }"""
 
 
+def _start_relay_only(browser, url: str):
+    """A page in a browser that may only relay, its call started: (its context, the page)."""
+    context = browser.new_context(permissions=["microphone"])
+    context.add_init_script(RELAY_ONLY)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("body[data-state=idle]")
+    page.get_by_test_id("start").click()
+    return context, page
+
+
 def test_a_browser_that_can_only_relay_connects_through_turn(browser, tmp_path: Path) -> None:
     """Chromium with iceTransportPolicy "relay", through Debian's coturn: the page goes live,
     and getStats shows the media on a relay pair."""
@@ -348,12 +359,7 @@ def test_a_browser_that_can_only_relay_connects_through_turn(browser, tmp_path: 
             turn_secret=secret,
         )
         with serve_in_thread(config) as served:
-            context = browser.new_context(permissions=["microphone"])
-            context.add_init_script(RELAY_ONLY)
-            page = context.new_page()
-            page.goto(served.url)
-            page.wait_for_selector("body[data-state=idle]")
-            page.get_by_test_id("start").click()
+            context, page = _start_relay_only(browser, served.url)
             page.wait_for_selector("body[data-state=live]", timeout=LIVE_TIMEOUT_MS)
             assert page.evaluate(SELECTED_PAIR)["local"] == "relay"
             context.close()
@@ -374,12 +380,7 @@ def test_the_page_says_why_ice_failed(browser, tmp_path: Path, turn, says) -> No
                "turn_secret": "s"}  # fmt: skip
     config = ServerConfig(offline=True, cache=tmp_path / "cache", **ice)
     with serve_in_thread(config) as served:
-        context = browser.new_context(permissions=["microphone"])
-        context.add_init_script(RELAY_ONLY)
-        page = context.new_page()
-        page.goto(served.url)
-        page.wait_for_selector("body[data-state=idle]")
-        page.get_by_test_id("start").click()
+        context, page = _start_relay_only(browser, served.url)
         page.wait_for_selector("body[data-state=failed]", timeout=60_000)
         status = page.get_by_test_id("status").inner_text()
         assert says in status, status

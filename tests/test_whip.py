@@ -5,36 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from client.peer import LipSyncPeer, LipSyncViewer, SpeechTrack
 from signaling.server import SESSIONS
-from tests.servers import serving
+from tests.servers import SDP, ingest, serving
 
 pytestmark = pytest.mark.slow
-
-SDP = {"Content-Type": "application/sdp"}
 
 
 def _speech(seconds: float = 20.0) -> np.ndarray:
     t = np.arange(int(seconds * 16000)) / 16000
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
-
-
-async def _ingest(http: aiohttp.ClientSession, url: str) -> tuple[RTCPeerConnection, Any]:
-    """A WHIP encoder: an offer that only sends audio."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver(SpeechTrack(_speech()), direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    response = await http.post(url, data=pc.localDescription.sdp, headers=SDP)
-    if response.status == 201:
-        await pc.setRemoteDescription(RTCSessionDescription(await response.text(), "answer"))
-    return pc, response
 
 
 async def _until(condition, timeout: float, what: str) -> None:
@@ -47,7 +33,7 @@ async def _until(condition, timeout: float, what: str) -> None:
 async def test_whip_feeds_a_session_that_whep_viewers_watch() -> None:
     settings = dict(ice_servers=("stun:127.0.0.1:3478", "turn:127.0.0.1:3478"), turn_secret="s")
     async with serving(**settings) as (app, url), aiohttp.ClientSession() as http:
-        pc, response = await _ingest(http, f"{url}/whip")
+        pc, response = await ingest(http, f"{url}/whip", _speech())
         assert response.status == 201, await response.text()
         assert response.headers["Content-Type"] == "application/sdp"
         location = response.headers["Location"]
@@ -132,22 +118,19 @@ async def test_whep_watches_a_page_session_and_whip_refuses_what_it_cannot_use()
 async def test_whip_and_whep_take_bearer_tokens() -> None:
     key = "a key for the whip test, 32 chars"
     async with serving(api_key=key) as (_app, url), aiohttp.ClientSession() as http:
-        pc, response = await _ingest(http, f"{url}/whip")
+        pc, response = await ingest(http, f"{url}/whip", _speech())
         assert response.status == 401
         await pc.close()
         async with http.post(f"{url}/api/tokens", headers={"Authorization": f"Bearer {key}"}) as r:
             token = (await r.json())["token"]
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver(SpeechTrack(_speech()), direction="sendonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        headers = {**SDP, "Authorization": f"Bearer {token}"}
-        async with http.post(f"{url}/whip", data=pc.localDescription.sdp, headers=headers) as r:
-            assert r.status == 201
-            location = r.headers["Location"]
+        bearer = {"Authorization": f"Bearer {token}"}
+        pc, r = await ingest(http, f"{url}/whip", _speech(), bearer)
+        assert r.status == 201
+        location = r.headers["Location"]
         viewer = LipSyncViewer(url, location.removeprefix("/whip/"))
         with pytest.raises(RuntimeError, match="401"):
             await viewer.connect(http)
         await viewer.close(http)
-        async with http.delete(f"{url}{location}", headers=headers) as r:
+        async with http.delete(f"{url}{location}", headers=bearer) as r:
             assert r.status == 200
         await pc.close()
