@@ -60,7 +60,7 @@ BATCH_MARGIN = 0.01  # seconds kept spare when waiting to fill a batch
 # about 1 ms, of 16 about 2 ms).
 BATCH_WINDOW = 0.005
 COMPOSE_THREADS = min(4, os.cpu_count() or 1)  # OpenCV and PyAV release the GIL as they work
-RECENT_BATCHES = 50  # full batches the device's speed is judged on: 2 s of one session
+RECENT_BATCHES = 50  # batches the device's speed is judged on: 2 s of one session
 # Once frames have been dropped as too late for the device's measure for this long with
 # nothing run, a frame that can still make its time runs anyway: the measure is only corrected by
 # runs, and a slow spell that pushed it beyond every frame's slack would otherwise stay in it.
@@ -75,7 +75,15 @@ class EngineFailure(RuntimeError):
 
 
 class Capacity:
-    """The device's seconds per frame: the median over the last full batches.
+    """How long a batch of each size takes now: its time at the warm-up, alone on the device,
+    times how much slower batches have run since (the median, over the last batches of any
+    size, of their time over the warm-up's for their size).
+
+    Every batch counts, whatever its size. Judged on full batches only, a device whose batches
+    seldom fill (room for several frames, sessions whose frames rarely come together) kept its
+    idle warm-up measure while other work slowed it, took frames it could not make in time, and
+    threw them away late (two int8 sessions on the 2-core CPU, one inference thread, batches of
+    up to four: 5.0 to 7.2 inferred fps each; 14.8 to 15.1 measured this way).
 
     A median, not a running mean: a moment when another process takes a core makes a batch or
     two slow without making the device slower. Judged on a running mean, one session on the
@@ -83,13 +91,35 @@ class Capacity:
     none would have been late. A real slowdown moves the median within a second or two.
     """
 
-    def __init__(self, seconds_per_frame: float) -> None:
-        self._recent: deque[float] = deque([seconds_per_frame], maxlen=RECENT_BATCHES)
-        self.seconds_per_frame = seconds_per_frame
+    def __init__(self, batch_seconds: Sequence[float]) -> None:
+        """`batch_seconds[n - 1]`: a batch of n frames, alone on the device."""
+        self._alone = list(batch_seconds)
+        self._recent: deque[float] = deque([1.0], maxlen=RECENT_BATCHES)
+        self._slowdown = 1.0
 
-    def add(self, seconds_per_frame: float) -> None:
-        self._recent.append(seconds_per_frame)
-        self.seconds_per_frame = float(np.median(self._recent))
+    @classmethod
+    def linear(cls, seconds_per_frame: float, max_batch: int) -> Capacity:
+        """Every frame of a batch costing the same: a device known only by one figure."""
+        return cls([seconds_per_frame * size for size in range(1, max_batch + 1)])
+
+    def add(self, size: int, seconds: float) -> None:
+        """A batch of `size` frames took `seconds`."""
+        self._recent.append(seconds / self._alone[size - 1])
+        self._slowdown = float(np.median(self._recent))
+
+    def restart(self, size: int, seconds: float) -> None:
+        """Judge the device afresh from one batch: the past measure is stale."""
+        self._recent.clear()
+        self.add(size, seconds)
+
+    def batch_seconds(self, size: int) -> float:
+        return self._slowdown * self._alone[size - 1]
+
+    @property
+    def seconds_per_frame(self) -> float:
+        """A frame's part of a full batch: what each frame costs a busy device."""
+        full = len(self._alone)
+        return self.batch_seconds(full) / full
 
 
 class FrameSink(Protocol):
@@ -148,13 +178,13 @@ class InferenceScheduler:
         self._composers = ThreadPoolExecutor(
             COMPOSE_THREADS, "compose", initializer=name_this_thread, initargs=("compose",)
         )
-        # Seconds per frame in full batches, inference and compositing together: the device's
-        # capacity. It decides what can still make its time, how long to wait to fill a
-        # batch, and each session's share. Measured at start (`_warm_up`) and on every full
-        # batch, never on smaller ones: a single frame costs far more than its share of a
-        # batch, and judged on those an overloaded device would look slower than it is, wait
-        # less to batch, get smaller batches, and spiral down.
-        self._capacity = Capacity(0.02)
+        # How long batches take, inference and compositing together: the device's capacity.
+        # It decides what can still make its time, how long to wait to fill a batch, and each
+        # session's share (by a frame's part of a full batch: a single frame costs far more
+        # than its share of a batch, and judged on that an overloaded device would look slower
+        # than it is, wait less to batch, get smaller batches, and spiral down). Measured at
+        # start (`_warm_up`) for each batch size, then scaled by every batch run.
+        self._capacity = Capacity.linear(0.02, max_batch)
         self._credit: dict[FrameSink, float] = {}
         # When a frame was first dropped as too late since the last batch ran (None: none
         # was): a probe runs once that is PROBE_AFTER ago.
@@ -169,8 +199,8 @@ class InferenceScheduler:
 
     @seconds_per_frame.setter
     def seconds_per_frame(self, value: float) -> None:
-        """Judge the device afresh from `value` (the warm-up's measure, or a test's)."""
-        self._capacity = Capacity(value)
+        """Judge the device afresh from `value`, as if every frame of a batch cost that."""
+        self._capacity = Capacity.linear(value, self.max_batch)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -239,7 +269,7 @@ class InferenceScheduler:
             if not self._heap:
                 self._cond.wait()
                 continue
-            batch_time = self.seconds_per_frame * self.max_batch
+            batch_time = self._capacity.batch_seconds(self.max_batch)
             oldest = min(job.queued for job in self._heap)
             until = min(self._heap[0].due - batch_time - BATCH_MARGIN, oldest + BATCH_WINDOW)
             remaining = until - time.monotonic()
@@ -262,7 +292,7 @@ class InferenceScheduler:
             if job.sink.closed:
                 heapq.heappop(self._heap)
                 continue
-            finish = now + self.seconds_per_frame * (len(batch) + 1)
+            finish = now + self._capacity.batch_seconds(len(batch) + 1)
             if not batch and finish > job.due:
                 since = self._late_since
                 if now < job.due and since is not None and now - since >= PROBE_AFTER:
@@ -276,18 +306,20 @@ class InferenceScheduler:
         return batch, late, False
 
     def _warm_up(self) -> None:
-        """Run every batch size once (an engine may prepare per size, e.g. record a CUDA
-        graph), then measure a full batch: the best of a few runs."""
+        """Measure each batch size: once to prepare it (an engine may prepare per size, e.g.
+        record a CUDA graph), then the best of a few runs."""
         face = self.engine.prepare(np.zeros((6, 96, 96), np.float32))
         mels = np.zeros((self.max_batch, 80, 16), np.float32)
+        batch_seconds = []
         for size in range(1, self.max_batch + 1):
             self.engine.infer(face, mels[:size])
-        best = float("inf")
-        for _ in range(WARM_UP_RUNS):
-            started = time.monotonic()
-            self.engine.infer(face, mels)
-            best = min(best, time.monotonic() - started)
-        self.seconds_per_frame = best / self.max_batch
+            best = float("inf")
+            for _ in range(WARM_UP_RUNS):
+                started = time.monotonic()
+                self.engine.infer(face, mels[:size])
+                best = min(best, time.monotonic() - started)
+            batch_seconds.append(best)
+        self._capacity = Capacity(batch_seconds)
         log.info("%s: %.1f ms a frame in batches of %d", self.engine.name,
                  self.seconds_per_frame * 1000, self.max_batch)  # fmt: skip
 
@@ -357,13 +389,13 @@ class InferenceScheduler:
             self._on_batch(batch_seconds)
         infer_seconds = batch_seconds / len(batch)
         frames = list(self._composers.map(_compose, batch, mouths))
-        per_frame = (time.monotonic() - started) / len(batch)
+        seconds = time.monotonic() - started
         if probe and time.monotonic() <= batch[0].due:
             # A frame the measure said would be late made its time: the measure is stale.
-            # Judge the device afresh from this run (full batches soon add to it).
-            self.seconds_per_frame = per_frame
-        elif len(batch) == self.max_batch:
-            self._capacity.add(per_frame)
+            # Judge the device afresh from this run (the next batches soon add to it).
+            self._capacity.restart(len(batch), seconds)
+        else:
+            self._capacity.add(len(batch), seconds)
         for job, frame in zip(batch, frames):
             self._call(job.sink.deliver, job.index, frame, infer_seconds)
 

@@ -221,9 +221,9 @@ def test_a_passing_slow_batch_is_not_lost_capacity() -> None:
     """One slow frame in ten (another process took a core for a moment) leaves the device's
     measured speed where it is, so one session gets every frame; a lasting slowdown moves it
     within a couple of seconds."""
-    capacity = Capacity(0.03)
+    capacity = Capacity([0.03])
     for i in range(100):
-        capacity.add(0.09 if i % 10 == 0 else 0.03)
+        capacity.add(1, 0.09 if i % 10 == 0 else 0.03)
     assert capacity.seconds_per_frame == pytest.approx(0.03)
     scheduler = InferenceScheduler(_FastEngine(), max_batch=1)
     scheduler._capacity = capacity
@@ -231,12 +231,55 @@ def test_a_passing_slow_batch_is_not_lost_capacity() -> None:
     due = time.monotonic() + 10
     assert all(scheduler.submit(sink, i, mel, due) for i in range(50))  # none skipped
     for _ in range(RECENT_BATCHES // 2 + 1):
-        capacity.add(0.05)
+        capacity.add(1, 0.05)
     assert capacity.seconds_per_frame == pytest.approx(0.05)
     # Now 25 fps at 50 ms a frame is more than the device makes: frames are skipped, evenly.
     accepted = [i for i in range(50) if scheduler.submit(sink, 50 + i, mel, due)]
     assert abs(len(accepted) - 50 * 0.9 / (0.05 * 25)) <= 1  # HEADROOM of its 20 fps
     assert max(np.diff(accepted)) == 2
+
+
+class _PairingEngine(_SlowEngine):
+    """10 ms for one frame, 16 ms for two (a CPU gains from pairs), times `slowdown`."""
+
+    slowdown = 1.0
+
+    def infer(self, face, mels: np.ndarray) -> np.ndarray:
+        self.batches.append(len(mels))
+        time.sleep((0.004 + 0.006 * len(mels)) * self.slowdown)
+        return np.zeros((len(mels), 96, 96, 3), np.uint8)
+
+
+def test_capacity_scales_each_batch_size_by_the_slowdown_of_any() -> None:
+    capacity = Capacity([0.010, 0.016])
+    assert capacity.seconds_per_frame == pytest.approx(0.008)  # a full batch's part
+    for _ in range(RECENT_BATCHES):
+        capacity.add(1, 0.020)  # single frames, twice as slow as alone
+    assert capacity.batch_seconds(1) == pytest.approx(0.020)
+    assert capacity.batch_seconds(2) == pytest.approx(0.032)
+    assert capacity.seconds_per_frame == pytest.approx(0.016)
+    capacity.restart(2, 0.016)  # a probe: as fast as alone again, at once
+    assert capacity.seconds_per_frame == pytest.approx(0.008)
+
+
+async def test_batches_that_do_not_fill_still_measure_the_device() -> None:
+    """Room for two frames, but one session's frames come one at a time. When other work
+    slows the device threefold, the measure follows (judged on full batches alone, it stayed
+    at the warm-up's, and frames were taken that could not make their time)."""
+    engine = _PairingEngine()
+    scheduler = InferenceScheduler(engine, max_batch=2)
+    scheduler.start()
+    await scheduler.warmed_up()
+    alone = scheduler.seconds_per_frame
+    assert alone == pytest.approx(0.008, abs=0.003)
+    engine.slowdown = 3.0
+    sink, mel = _Sink(), np.zeros((80, 16), np.float32)
+    for i in range(RECENT_BATCHES):
+        scheduler.submit(sink, i, mel, time.monotonic() + 1.0)
+        await asyncio.sleep(0.04)
+    scheduler.stop()
+    assert 2 not in engine.batches[-RECENT_BATCHES:]
+    assert scheduler.seconds_per_frame > 2 * alone
 
 
 async def test_a_device_judged_too_slow_is_measured_again() -> None:
