@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -339,10 +339,12 @@ def bench_sessions(
     workers: int | None,
     log: Path,
     silence_share: float = 0.0,
+    server_flags: Sequence[str] = (),
 ) -> list[dict]:
     """One `lipsync serve`, with `--workers N` when given (the front door and N worker
     processes sharing the device); its output goes to `log`. `--min-fps 0`: sessions beyond
-    the device's capacity are admitted, to measure how it degrades."""
+    the device's capacity are admitted, to measure how it degrades. `server_flags` go to the
+    server as they are (`--backend`, `--max-batch`)."""
     speech = load_audio(speech_wav)
     # Speech, then as much silence as makes `silence_share` of the whole.
     pause = int(len(speech) * silence_share / (1 - silence_share))
@@ -357,6 +359,7 @@ def bench_sessions(
         command += ["--delay", str(delay)]
     if workers is not None:
         command += ["--workers", str(workers)]
+    command += server_flags
     with tempfile.TemporaryDirectory() as folder, log.open("w") as log_file:
         server = subprocess.Popen(
             command,
@@ -493,8 +496,18 @@ def main() -> None:
         default=0.0,
         help="the share of silence in what the peers send, after each sentence (0 to 0.9)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", *BACKENDS),
+        default="auto",
+        help="how the server runs Wav2Lip (its --backend)",
+    )
+    parser.add_argument("--max-batch", type=int, help="the server's --max-batch")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    server_flags = ["--backend", args.backend]
+    if args.max_batch is not None:
+        server_flags += ["--max-batch", str(args.max_batch)]
     batches = GPU_BATCHES if args.device == "cuda" else []
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -509,7 +522,7 @@ def main() -> None:
         report["sessions"] = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
             args.peer_processes, args.delay, args.workers, args.out / "server.log",
-            args.silence_share,
+            args.silence_share, server_flags,
         ) if args.sessions else []  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))

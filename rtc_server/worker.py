@@ -24,7 +24,7 @@ from aiortc.rtcicetransport import connection_kwargs
 
 from rtc_server.avatars import Avatar, Avatars, PhotoLimits
 from rtc_server.dtls import accept_rsa_peers
-from rtc_server.engines import default_delay, device_name, max_batch
+from rtc_server.engines import backend_name, default_delay, device_name, max_batch
 from rtc_server.manager import ManagerOptions, SessionManager
 from rtc_server.metrics import MediaMetrics
 from rtc_server.offers import CALLER
@@ -49,6 +49,7 @@ class WorkerSettings:
     push_buffer: float = 60.0  # seconds of pushed audio a session may hold
     alignment: Alignment = "training"  # which audio window each frame gets
     silence_db: float = -80.0  # audio below this shows the cached silent mouth
+    max_batch: int | None = None  # frames inferred together at most; None: the engine's own
     photo_limits: PhotoLimits = field(default_factory=PhotoLimits)
     avatar_limit: int = 32
     weights_cache: Path | None = None  # where S3FD's weights may be cached
@@ -77,7 +78,7 @@ class Worker:
                 ),
                 idle_timeout=settings.idle_timeout,
                 bitrate=settings.bitrate,
-                max_batch=max_batch(engine),
+                max_batch=settings.max_batch or max_batch(engine),
                 peer_timeout=settings.peer_timeout,
                 min_fps=settings.min_fps,
                 push_buffer=settings.push_buffer,
@@ -125,6 +126,8 @@ class Worker:
             "url": self.url,
             "engine": self.engine.name,
             "device": device_name(self.engine),
+            "backend": backend_name(self.engine),
+            "max_batch": manager.options.max_batch,
             "state": self.state,
             "sessions": len(manager),
             "max_sessions": manager.options.max_sessions,

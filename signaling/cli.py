@@ -84,7 +84,7 @@ SAME_NAME = (
     "host", "port", "max_sessions", "video_bitrate", "turn_secret", "turn_ttl", "tls_cert",
     "tls_key", "offline", "checkpoint", "cache", "device", "trust_checkpoint", "token_ttl",
     "request_timeout", "max_concurrent_uploads", "peer_timeout", "min_fps", "shutdown_grace",
-    "push_buffer", "alignment", "silence_db",
+    "push_buffer", "alignment", "silence_db", "backend", "max_batch",
 )  # fmt: skip
 
 
@@ -374,6 +374,8 @@ def _add_front_door(parser: argparse.ArgumentParser) -> None:
 
 def _add_media(parser: argparse.ArgumentParser) -> None:
     """The media side's flags; `serve --workers` passes the ones given on to its workers."""
+    from signaling.config import BACKENDS
+
     media = parser.add_argument_group("the media side")
     actions = [
         media.add_argument("--max-sessions", type=int, default=4),
@@ -402,6 +404,18 @@ def _add_media(parser: argparse.ArgumentParser) -> None:
             "--offline", action="store_true", help="never download weights at start"
         ),
         media.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps"),
+        media.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default="auto",
+            help="how Wav2Lip runs: auto (ONNX Runtime on a CPU, PyTorch on a GPU), torch, "
+            "onnxruntime, or onnxruntime-int8 (quantized: faster on a CPU, not exact)",
+        ),
+        media.add_argument(
+            "--max-batch",
+            type=int,
+            help="frames inferred together at most (default: 1 on a CPU, 16 on a GPU)",
+        ),
         media.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP),
         media.add_argument(
             "--video-size", type=_size, default=(1280, 720), help="largest video size (WxH)"

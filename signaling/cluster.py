@@ -122,7 +122,7 @@ class WorkerView:
         entry = {key: self.status.get(key) for key in keys}
         entry["headroom"] = max(0, self.headroom(now))
         entry["last_seen_s"] = round(now - self.seen, 1)
-        for key in ("capacity", "device_fps", "reason", "server_ice"):
+        for key in ("backend", "max_batch", "capacity", "device_fps", "reason", "server_ice"):
             if key in self.status:
                 entry[key] = self.status[key]
         return entry

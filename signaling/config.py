@@ -17,6 +17,11 @@ from signaling.ice import check_ice_config
 
 # An API key shorter than this could be guessed.
 MIN_KEY_LENGTH = 16
+# How Wav2Lip may run: "auto" and wav2lip.engine.BACKENDS, named here so that a gateway never
+# loads PyTorch to check a flag (a test keeps the two lists the same).
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
+# The most frames one batch may hold (CUDA graphs are recorded for each power of two up to it).
+MAX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class ServerConfig:
     checkpoint: Path | None = None
     cache: Path | None = None
     device: str = "auto"
+    # How Wav2Lip runs: "auto" (ONNX Runtime on a CPU, PyTorch on a GPU), "torch",
+    # "onnxruntime", or "onnxruntime-int8" (quantized: faster on a CPU, not exact).
+    backend: str = "auto"
+    # Frames inferred together at most; None: the engine's own (1 on a CPU, 16 on a GPU).
+    max_batch: int | None = None
     # TorchScript checkpoints run code from the file: loaded only when the user trusts it.
     trust_checkpoint: bool = False
     # -- who may call, and from where (signaling/guard.py, signaling/auth.py) -----------------
@@ -116,6 +126,17 @@ class ServerConfig:
             raise ValueError(
                 f'--alignment must be "training" or "official", not {self.alignment!r}'
             )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"
+            )
+        if self.backend.startswith("onnxruntime") and self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"--backend {self.backend} runs on the CPU: it cannot go with "
+                f"--device {self.device}"
+            )
+        if self.max_batch is not None and not 1 <= self.max_batch <= MAX_BATCH:
+            raise ValueError(f"--max-batch must be 1 to {MAX_BATCH}, got {self.max_batch}")
         if self.min_fps < 0 or self.min_fps > 25:
             raise ValueError(f"--min-fps must be 0 to 25 (the video's rate), got {self.min_fps}")
         if self.api_key is not None and len(self.api_key) < MIN_KEY_LENGTH:

@@ -310,7 +310,8 @@ class RedisCluster:
     async def workers(self) -> list[dict[str, Any]]:
         await self._fresh()
         keys = ("id", "url", "engine", "device", "state", "sessions", "max_sessions",
-                "headroom", "last_seen_s", "capacity", "device_fps", "reason")  # fmt: skip
+                "headroom", "last_seen_s", "backend", "max_batch", "capacity", "device_fps",
+                "reason")  # fmt: skip
         return [{k: status[k] for k in keys if k in status} for status in self._view]
 
     async def any_worker(self) -> WorkerClient | None:

@@ -48,6 +48,7 @@ def engine_choice(config: ServerConfig) -> EngineChoice:
         cache=config.cache,
         offline=config.offline,
         device=config.device,
+        backend=config.backend,
         trust_checkpoint=config.trust_checkpoint,
     )
 
@@ -68,6 +69,7 @@ def worker_settings(config: ServerConfig, delay: float | None) -> WorkerSettings
         push_buffer=config.push_buffer,
         alignment=config.alignment,
         silence_db=config.silence_db,
+        max_batch=config.max_batch,
     )
 
 

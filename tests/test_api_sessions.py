@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -177,6 +178,32 @@ def test_a_delay_too_short_for_the_audio_window_is_refused() -> None:
     build_app(ServerConfig(offline=True), engine=Animator(), delay=0.24)
     with pytest.raises(ValueError, match=r"--delay must be more than 0\.2725"):
         build_app(ServerConfig(offline=True, alignment="official"), engine=Animator(), delay=0.24)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
+        (["--backend", "onnxruntime-int8", "--device", "cuda"], "runs on the CPU"),
+        (["--max-batch", "0"], "--max-batch must be 1 to 64, got 0"),
+        (["--max-batch", "65"], "--max-batch must be 1 to 64, got 65"),
+    ],
+)
+def test_engine_flags_that_cannot_work_are_refused(flags, message, capsys) -> None:
+    """Refused before anything loads, with the flag named: not a traceback from the engine."""
+    from signaling.cli import main
+
+    with pytest.raises(SystemExit) if "invalid choice" in message else contextlib.nullcontext():
+        assert main(["serve", "--offline", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_front_door_knows_the_engine_backends() -> None:
+    """The flag's choices, listed without loading PyTorch, are the engine's own."""
+    from signaling.config import BACKENDS
+    from wav2lip.engine import BACKENDS as ENGINE_BACKENDS
+
+    assert ("auto", *ENGINE_BACKENDS) == BACKENDS
 
 
 def test_serve_freezes_what_start_up_made(monkeypatch) -> None:

@@ -199,7 +199,10 @@ def test_sessions_spread_avatars_travel_and_any_gateway_ends_them(
             await until(streaming, 20, "video from both sessions")
             for peer in peers:  # the photo's own size, not the default's 512 x 512
                 assert peer.received.video[-1][2] == (avatar["height"], avatar["width"])
-            assert by_worker(await health(http, a)) == {"w1": 1, "w2": 1}
+            listed = await health(http, a)
+            assert by_worker(listed) == {"w1": 1, "w2": 1}
+            # How each worker runs its engine: the animator has no backend, and batches of one.
+            assert {(w["backend"], w["max_batch"]) for w in listed["workers"]} == {(None, 1)}
 
             async def full() -> bool:
                 return by_worker(await health(http, b)) == {"w1": 2, "w2": 2}

@@ -80,6 +80,16 @@ def test_backend_choice(wav2lip_model: Wav2Lip) -> None:
         Engine(wav2lip_model, device="cpu", backend="tensorrt")
 
 
+def test_onnx_runtime_picks_the_cpu(
+    wav2lip_model: Wav2Lip, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked for ONNX Runtime on a machine with a GPU, "auto" means the CPU, where it runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto").type == "cuda"
+    engine = Engine(wav2lip_model, backend="onnxruntime")
+    assert engine.device.type == "cpu" and engine.backend == "onnxruntime"
+
+
 def test_pick_device() -> None:
     assert pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,14 +153,15 @@ def test_half_precision_stays_within_two_levels(wav2lip_model: Wav2Lip) -> None:
 def test_int8_is_an_option_that_stays_close(wav2lip_model: Wav2Lip) -> None:
     rng = np.random.default_rng(3)
     face = rng.random((6, 96, 96), dtype=np.float32)
-    mels = rng.uniform(-4, 2, (4, 80, 16)).astype(np.float32)
+    mels = rng.uniform(-4, 4, (8, 80, 16)).astype(np.float32)  # the mel scale's whole range
     exact = Engine(wav2lip_model, device="cpu", backend="onnxruntime")
     int8 = Engine(wav2lip_model, device="cpu", backend="onnxruntime-int8")
     a = exact.infer(exact.prepare(face), mels).astype(int)
     b = int8.infer(int8.prepare(face), mels).astype(int)
-    # Quantized, so not equal; but a picture of the same mouths, not noise.
+    # Quantized, so not equal; but a picture of the same mouths, not noise. (4.3 levels on
+    # average with these weights; 6.4 when calibrated on windows no louder than +2.)
     assert np.abs(a - b).max() > 0
-    assert np.abs(a - b).mean() < 8
+    assert np.abs(a - b).mean() < 5
     # Residuals folded into the weights would take each channel's quantization range.
     assert not int8.generator.fold_residuals and exact.generator.fold_residuals
     with pytest.raises(ValueError, match="without folded residuals"):

@@ -202,16 +202,31 @@ async def test_sessions_get_their_own_face_and_audio(faces_dir, speech_16k) -> N
     assert own_a > other_a + 0.3 and own_b > other_b + 0.3, correlations
 
 
+@pytest.mark.parametrize(
+    ("backend", "max_batch", "shown"),
+    [
+        ("auto", None, ("onnxruntime", 1)),
+        ("onnxruntime-int8", None, ("onnxruntime-int8", 2)),
+        ("onnxruntime", 2, ("onnxruntime", 2)),
+    ],
+)
 async def test_wav2lip_on_cpu_keeps_25_fps_with_bounded_lag(
-    faces_dir, speech_16k, checkpoint_path
+    faces_dir, speech_16k, checkpoint_path, backend, max_batch, shown
 ) -> None:
     """Wav2Lip on this CPU: most frames inferred (all, when the two cores are not busy with
-    anything else); whatever is missed, delivery and lag must not suffer."""
+    anything else); whatever is missed, delivery and lag must not suffer. The same with the
+    quantized backend (batches of up to two by default) and with `--max-batch`."""
     # The server loads random weights saved in the official training layout.
-    server = await _start(None, checkpoint=checkpoint_path, device="cpu")
+    server = await _start(
+        None, checkpoint=checkpoint_path, device="cpu", backend=backend, max_batch=max_batch
+    )
     audio = _speech_with_silence(speech_16k)
     try:
         async with aiohttp.ClientSession() as http:
+            async with http.get(server.make_url("/api/health")) as response:
+                worker = (await response.json())["workers"][0]
+            assert (worker["backend"], worker["max_batch"]) == shown, worker
+            assert server.app[SESSIONS].scheduler.max_batch == shown[1]
             avatar = await _upload(http, server, faces_dir / "obama.jpg")
             peer = await _run_session(server, http, avatar, audio, 6.0, receive_audio=False)
             session = server.app[SESSIONS].sessions[peer.session_id]

@@ -120,7 +120,9 @@ class Engine:
 
         `cuda_graphs`: replay the decoder as CUDA graphs (default: on CUDA).
         """
-        self.device = pick_device(device)
+        # ONNX Runtime runs on the CPU: asking for it picks the CPU when the device is "auto".
+        onnx = backend.startswith("onnxruntime")
+        self.device = pick_device("cpu" if onnx and device == "auto" else device)
         self.half = self.device.type == "cuda" if half is None else half
         self.dtype = torch.float16 if self.half else torch.float32
         if backend == "auto":
