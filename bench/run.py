@@ -22,7 +22,10 @@ checkpoint, random weights in the official layout are used: speed does not depen
    audio it gets back; the server's CPU use, split by thread (event loop, inference,
    compositing, encoders), and the GPU's utilisation where there is one: what limits the
    count. `--silence-share 0.5` makes the peers alternate speech and silence, as a
-   conversation does.
+   conversation does. `--peers-skip-video-decoding` has the peers count video frames without
+   decoding them, as if their decoding ran on another machine (on 2 cores here it saved
+   little: the peers' RTP, SRTP and Opus cost more than decoding the pictures).
+   `--backend` and `--max-batch` go to the server.
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import aiohttp
+import av
 import numpy as np
 import torch
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.mediastreams import VIDEO_TIME_BASE
 
 from client.peer import LipSyncPeer
 from tests.conftest import free_port, random_wav2lip
@@ -266,14 +272,45 @@ async def _peers(
     return {"connected_late": late, "cpu_percent": cpu_percent, "per_session": results}
 
 
+class _UndecodedVideo:
+    """A peer's video decoder that does not decode: one 2x2 frame for each picture received,
+    with its timestamp. Peers that run on the server's machine then count frames without
+    taking the cores that decoding them would, as if their decoding ran elsewhere."""
+
+    def decode(self, encoded_frame: JitterFrame) -> list[av.VideoFrame]:
+        frame = av.VideoFrame(2, 2, "yuv420p")
+        frame.pts = encoded_frame.timestamp
+        frame.time_base = VIDEO_TIME_BASE
+        return [frame]
+
+
 def _peer_group(
-    url: str, indices: list[int], total: int, speech: np.ndarray, start_at: float, seconds: float
+    url: str,
+    indices: list[int],
+    total: int,
+    speech: np.ndarray,
+    start_at: float,
+    seconds: float,
+    decode_video: bool,
 ):
+    if not decode_video:
+        import aiortc.rtcrtpreceiver as receiver
+
+        real = receiver.get_decoder
+        receiver.get_decoder = lambda codec: (
+            _UndecodedVideo() if codec.mimeType.startswith("video/") else real(codec)
+        )
     return asyncio.run(_peers(url, indices, total, speech, start_at, seconds))
 
 
 def _measure(
-    url: str, pids: dict[str, int], count: int, seconds: float, speech: np.ndarray, processes: int
+    url: str,
+    pids: dict[str, int],
+    count: int,
+    seconds: float,
+    speech: np.ndarray,
+    processes: int,
+    decode_video: bool = True,
 ) -> dict[str, object]:
     """N sessions, their peers spread over processes, all measured over the same window; the
     server's CPU by thread and by process (the front door and each worker)."""
@@ -283,7 +320,7 @@ def _measure(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
         futures = [
-            pool.submit(_peer_group, url, group, count, speech, start_at, seconds)
+            pool.submit(_peer_group, url, group, count, speech, start_at, seconds, decode_video)
             for group in groups
         ]
         time.sleep(max(0.0, start_at - time.time()))
@@ -315,6 +352,7 @@ def _measure(
         # The peers share the machine: what they take, the server cannot have.
         "peers_cpu_percent": round(sum(outcome["cpu_percent"] for outcome in outcomes)),
         "peers_connected_late": any(outcome["connected_late"] for outcome in outcomes),
+        "peers_decode_video": decode_video,
         "per_session": [s for outcome in outcomes for s in outcome["per_session"]],
     }
 
@@ -340,6 +378,7 @@ def bench_sessions(
     log: Path,
     silence_share: float = 0.0,
     server_flags: Sequence[str] = (),
+    decode_video: bool = True,
 ) -> list[dict]:
     """One `lipsync serve`, with `--workers N` when given (the front door and N worker
     processes sharing the device); its output goes to `log`. `--min-fps 0`: sessions beyond
@@ -374,7 +413,10 @@ def bench_sessions(
             pids = {"front door" if workers else "server": server.pid}
             for i, child in enumerate(_children(server.pid)):
                 pids[f"worker {i}"] = child
-            return [_measure(url, pids, count, seconds, speech, processes) for count in counts]
+            return [
+                _measure(url, pids, count, seconds, speech, processes, decode_video)
+                for count in counts
+            ]
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -503,6 +545,11 @@ def main() -> None:
         help="how the server runs Wav2Lip (its --backend)",
     )
     parser.add_argument("--max-batch", type=int, help="the server's --max-batch")
+    parser.add_argument(
+        "--peers-skip-video-decoding",
+        action="store_true",
+        help="peers count video frames without decoding them, as if decoding ran elsewhere",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     server_flags = ["--backend", args.backend]
@@ -522,7 +569,7 @@ def main() -> None:
         report["sessions"] = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
             args.peer_processes, args.delay, args.workers, args.out / "server.log",
-            args.silence_share, server_flags,
+            args.silence_share, server_flags, not args.peers_skip_video_decoding,
         ) if args.sessions else []  # fmt: skip
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(report))
