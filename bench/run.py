@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -379,9 +379,10 @@ def bench_sessions(
     silence_share: float = 0.0,
     server_flags: Sequence[str] = (),
     decode_video: bool = True,
-) -> list[dict]:
+) -> Iterator[dict]:
     """One `lipsync serve`, with `--workers N` when given (the front door and N worker
-    processes sharing the device); its output goes to `log`. `--min-fps 0`: sessions beyond
+    processes sharing the device), measured with each count of sessions in turn (yielded as
+    each is done); its output goes to `log`. `--min-fps 0`: sessions beyond
     the device's capacity are admitted, to measure how it degrades. `server_flags` go to the
     server as they are (`--backend`, `--max-batch`)."""
     speech = load_audio(speech_wav)
@@ -413,10 +414,8 @@ def bench_sessions(
             pids = {"front door" if workers else "server": server.pid}
             for i, child in enumerate(_children(server.pid)):
                 pids[f"worker {i}"] = child
-            return [
-                _measure(url, pids, count, seconds, speech, processes, decode_video)
-                for count in counts
-            ]
+            for count in counts:
+                yield _measure(url, pids, count, seconds, speech, processes, decode_video)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -566,14 +565,22 @@ def main() -> None:
             "weights": str(args.checkpoint) if args.checkpoint else "random weights",
             "engine": bench_engine(checkpoint, args.photo, args.device, args.batch, batches),
         }
-        report["sessions"] = bench_sessions(
+        report["sessions"] = []
+        _write(args.out, report)  # the engine's figures, should a session count not finish
+        runs = bench_sessions(
             checkpoint, speech, args.device, args.sessions, args.seconds,
             args.peer_processes, args.delay, args.workers, args.out / "server.log",
             args.silence_share, server_flags, not args.peers_skip_video_decoding,
         ) if args.sessions else []  # fmt: skip
-    (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "latest.md").write_text(markdown(report))
+        for run in runs:
+            report["sessions"].append(run)
+            _write(args.out, report)
     print(markdown(report))
+
+
+def _write(folder: Path, report: dict) -> None:
+    (folder / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "latest.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

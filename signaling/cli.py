@@ -155,17 +155,12 @@ def _serve_workers(args: argparse.Namespace, config: ServerConfig) -> int:
     import asyncio
     import secrets
 
-    from signaling.gateway import (
-        default_workers,
-        serve_local_workers,
-        worker_command,
-        worker_devices,
-    )
+    from signaling.gateway import serve_local_workers, worker_command
     from signaling.runner import warn_if_open
 
-    count = args.workers or default_workers()
+    devices = local_devices(config, args.workers)
     warn_if_open(config)
-    ports = [free_port() for _ in range(count)]
+    ports = [free_port() for _ in devices]
     commands = [
         worker_command(
             [
@@ -180,12 +175,22 @@ def _serve_workers(args: argparse.Namespace, config: ServerConfig) -> int:
                 f"local-{i}",
             ]
         )
-        for i, (port, device) in enumerate(zip(ports, worker_devices(count, config.device)))
+        for i, (port, device) in enumerate(zip(ports, devices))
     ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     secret = secrets.token_hex(32)
     env = {SECRET_VARIABLE: secret}  # not on the command line, where ps would show it
     return asyncio.run(serve_local_workers(config, commands, urls, secret, env))
+
+
+def local_devices(config: ServerConfig, workers: int | None) -> list[str]:
+    """The device of each worker `serve --workers` starts: as many as asked for, or as suit
+    the machine. ONNX Runtime runs on the CPU: its workers neither spread over the GPUs nor
+    count them."""
+    from signaling.gateway import default_workers, worker_devices
+
+    device = "cpu" if config.backend.startswith("onnxruntime") else config.device
+    return worker_devices(workers or default_workers(device), device)
 
 
 def media_flags(args: argparse.Namespace) -> list[str]:
@@ -414,7 +419,7 @@ def _add_media(parser: argparse.ArgumentParser) -> None:
         media.add_argument(
             "--max-batch",
             type=int,
-            help="frames inferred together at most (default: 1 on a CPU, 16 on a GPU)",
+            help="frames inferred together at most (default: 1 on a CPU, 2 with int8, 16 on a GPU)",
         ),
         media.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP),
         media.add_argument(

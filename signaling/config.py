@@ -53,7 +53,8 @@ class ServerConfig:
     # How Wav2Lip runs: "auto" (ONNX Runtime on a CPU, PyTorch on a GPU), "torch",
     # "onnxruntime", or "onnxruntime-int8" (quantized: faster on a CPU, not exact).
     backend: str = "auto"
-    # Frames inferred together at most; None: the engine's own (1 on a CPU, 16 on a GPU).
+    # Frames inferred together at most; None: the engine's own (1 on a CPU, 2 with int8, 16 on
+    # a GPU).
     max_batch: int | None = None
     # TorchScript checkpoints run code from the file: loaded only when the user trusts it.
     trust_checkpoint: bool = False

@@ -49,11 +49,11 @@ def gpu_count() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
-def default_workers() -> int:
+def default_workers(device: str = "auto") -> int:
     """Workers for this machine: on a GPU, one per four cores (the CPU work of a session, RTP
     and encoding, is what one Python process runs out of), at least one per GPU; on a CPU
-    alone, one, which ONNX Runtime spreads over all cores."""
-    gpus = gpu_count()
+    alone (or with `device` "cpu"), one, which ONNX Runtime spreads over all cores."""
+    gpus = 0 if device == "cpu" else gpu_count()
     if not gpus:
         return 1
     return max(gpus, (os.cpu_count() or 4) // 4)

@@ -198,6 +198,23 @@ def test_engine_flags_that_cannot_work_are_refused(flags, message, capsys) -> No
     assert message in capsys.readouterr().err
 
 
+def test_onnx_runtime_workers_stay_on_the_cpu(monkeypatch) -> None:
+    """`serve --workers` spreads its workers over the GPUs, one per four cores; ONNX Runtime's
+    run on the CPU, one for the whole machine (on two GPUs, each was refused at start for the
+    CUDA device it was given)."""
+    import os
+
+    from signaling import gateway
+    from signaling.cli import local_devices
+
+    monkeypatch.setattr(gateway, "gpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert local_devices(ServerConfig(), None) == ["cuda:0", "cuda:1"] * 2
+    assert local_devices(ServerConfig(backend="onnxruntime-int8"), None) == ["cpu"]
+    assert local_devices(ServerConfig(backend="onnxruntime"), 2) == ["cpu", "cpu"]
+    assert local_devices(ServerConfig(device="cuda:1"), 2) == ["cuda:1", "cuda:1"]
+
+
 def test_the_front_door_knows_the_engine_backends() -> None:
     """The flag's choices, listed without loading PyTorch, are the engine's own."""
     from signaling.config import BACKENDS
