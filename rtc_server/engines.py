@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rtc_server.session import JITTER_SECONDS
 from wav2lip.animator import Animator
 from wav2lip.audio import Alignment, lookahead_seconds
@@ -45,6 +47,7 @@ class EngineChoice:
     offline: bool = False
     device: str = "auto"
     backend: str = "auto"  # wav2lip.engine.BACKENDS or auto
+    threads: int | None = None  # CPU threads for inference; None: PyTorch's own (every core)
     trust_checkpoint: bool = False
 
 
@@ -67,6 +70,9 @@ def load_engine(choice: EngineChoice) -> MouthEngine:
                         choice.backend)  # fmt: skip
         return Animator()
     log.info("Wav2Lip weights: %s", checkpoint)
+    if choice.threads is not None:
+        # This process's inference: PyTorch's, and ONNX Runtime's (the engine asks PyTorch).
+        torch.set_num_threads(choice.threads)
     # Sessions blend with the feathered mask: only the lower face is computed.
     return Engine(
         load_checkpoint(checkpoint, trust_code=choice.trust_checkpoint),

@@ -56,6 +56,9 @@ class ServerConfig:
     # Frames inferred together at most; None: the engine's own (1 on a CPU, 2 with int8, 16 on
     # a GPU).
     max_batch: int | None = None
+    # CPU threads inference uses; None: every core (`serve --workers N` on a CPU gives each of
+    # its workers an Nth).
+    inference_threads: int | None = None
     # TorchScript checkpoints run code from the file: loaded only when the user trusts it.
     trust_checkpoint: bool = False
     # -- who may call, and from where (signaling/guard.py, signaling/auth.py) -----------------
@@ -135,6 +138,10 @@ class ServerConfig:
             raise ValueError(
                 f"--backend {self.backend} runs on the CPU: it cannot go with "
                 f"--device {self.device}"
+            )
+        if self.inference_threads is not None and self.inference_threads < 1:
+            raise ValueError(
+                f"--inference-threads must be at least 1, got {self.inference_threads}"
             )
         if self.max_batch is not None and not 1 <= self.max_batch <= MAX_BATCH:
             raise ValueError(f"--max-batch must be 1 to {MAX_BATCH}, got {self.max_batch}")

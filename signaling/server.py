@@ -49,6 +49,7 @@ def engine_choice(config: ServerConfig) -> EngineChoice:
         offline=config.offline,
         device=config.device,
         backend=config.backend,
+        threads=config.inference_threads,
         trust_checkpoint=config.trust_checkpoint,
     )
 

@@ -187,6 +187,7 @@ def test_a_delay_too_short_for_the_audio_window_is_refused() -> None:
         (["--backend", "onnxruntime-int8", "--device", "cuda"], "runs on the CPU"),
         (["--max-batch", "0"], "--max-batch must be 1 to 64, got 0"),
         (["--max-batch", "65"], "--max-batch must be 1 to 64, got 65"),
+        (["--inference-threads", "0"], "--inference-threads must be at least 1, got 0"),
     ],
 )
 def test_engine_flags_that_cannot_work_are_refused(flags, message, capsys) -> None:
@@ -213,6 +214,61 @@ def test_onnx_runtime_workers_stay_on_the_cpu(monkeypatch) -> None:
     assert local_devices(ServerConfig(backend="onnxruntime-int8"), None) == ["cpu"]
     assert local_devices(ServerConfig(backend="onnxruntime"), 2) == ["cpu", "cpu"]
     assert local_devices(ServerConfig(device="cuda:1"), 2) == ["cuda:1", "cuda:1"]
+
+
+def test_workers_on_a_cpu_split_its_cores(monkeypatch) -> None:
+    """`serve --workers N` on a CPU gives each worker an Nth of the cores for inference (each
+    took every core, and N workers' threads waited on each other); on GPUs, or when
+    --inference-threads is given, it passes nothing of its own."""
+    import os
+
+    from signaling import cli, gateway
+
+    started: list[list[str]] = []
+
+    async def serve_local_workers(config, commands, urls, secret, env) -> int:
+        started.extend(commands)
+        return 0
+
+    def threads(command: list[str]) -> list[str]:
+        return [command[i + 1] for i, a in enumerate(command) if a == "--inference-threads"]
+
+    def serve(*flags: str) -> list[list[str]]:
+        """The inference threads each worker is started with (`main` would end the process
+        once its server stops, so the command runs without it)."""
+        started.clear()
+        args = cli.build_parser().parse_args(["serve", "--offline", *flags])
+        assert cli._serve_workers(args, cli.config_from_args(args)) == 0
+        return [threads(command) for command in started]
+
+    monkeypatch.setattr(gateway, "serve_local_workers", serve_local_workers)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(gateway, "gpu_count", lambda: 0)
+    assert serve("--workers", "4") == [["4"]] * 4
+    assert serve("--workers", "2", "--inference-threads", "3") == [["3"]] * 2
+    monkeypatch.setattr(gateway, "gpu_count", lambda: 2)
+    assert serve("--workers", "2") == [[], []]
+    assert serve("--workers", "2", "--backend", "onnxruntime") == [["8"]] * 2
+
+
+def test_inference_threads_reach_onnx_runtime(checkpoint_path) -> None:
+    """--inference-threads sets the worker process's threads, PyTorch's and ONNX Runtime's
+    (in a process of its own: the setting is the process's)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys, torch; from pathlib import Path;"
+        "from rtc_server.engines import EngineChoice, load_engine;"
+        "e = load_engine(EngineChoice(Path(sys.argv[1]), offline=True, device='cpu', threads=1));"
+        "ort = e._onnx._session.get_session_options().intra_op_num_threads;"
+        "print(torch.get_num_threads(), ort)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program, str(checkpoint_path)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert out.stdout.split() == ["1", "1"], out.stderr
 
 
 def test_the_front_door_knows_the_engine_backends() -> None:
