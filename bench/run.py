@@ -382,9 +382,9 @@ def bench_sessions(
 ) -> Iterator[dict]:
     """One `lipsync serve`, with `--workers N` when given (the front door and N worker
     processes sharing the device), measured with each count of sessions in turn (yielded as
-    each is done); its output goes to `log`. `--min-fps 0`: sessions beyond
-    the device's capacity are admitted, to measure how it degrades. `server_flags` go to the
-    server as they are (`--backend`, `--max-batch`)."""
+    each is done); its output goes to `log`. `--min-fps 0`: sessions beyond the device's
+    capacity are admitted, to measure how it degrades. `server_flags` go to the server as they
+    are (`--backend`, `--max-batch`)."""
     speech = load_audio(speech_wav)
     # Speech, then as much silence as makes `silence_share` of the whole.
     pause = int(len(speech) * silence_share / (1 - silence_share))

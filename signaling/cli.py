@@ -200,7 +200,8 @@ def cpu_share(config: ServerConfig, devices: list[str]) -> int | None:
     """Inference threads for each worker on `devices`, where they run on the CPU: the cores
     split between them. Each taking every core, N workers ran N times as many threads as there
     are cores, which waited on each other (two int8 sessions on two workers: 12.3-16.6 inferred
-    fps each; 20.1-21.2 with a thread each). None on GPUs, or when --inference-threads says."""
+    fps each; 14.9 to 21.2 over three runs with a core each). None on GPUs, or when
+    --inference-threads says."""
     from signaling.gateway import gpu_count
 
     if config.inference_threads is not None:
