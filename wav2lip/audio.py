@@ -41,7 +41,6 @@ REF_LEVEL_DB = 20.0
 MAX_ABS = 4.0
 
 Alignment = Literal["training", "official"]
-ALIGNMENTS: tuple[Alignment, ...] = ("training", "official")
 # How many video frames earlier than its frame a window starts.
 _SHIFT = {"training": 1, "official": 0}
 
@@ -53,11 +52,16 @@ def _mel_basis() -> np.ndarray:
     ).astype(np.float32)
 
 
+def _normalize(db: np.ndarray) -> np.ndarray:
+    """Levels in dB on this front end's scale to the model's [-MAX_ABS, MAX_ABS]."""
+    normed = (2 * MAX_ABS) * ((db - MIN_LEVEL_DB) / -MIN_LEVEL_DB) - MAX_ABS
+    return np.clip(normed, -MAX_ABS, MAX_ABS)
+
+
 def mel_level(db: float) -> float:
     """The normalised mel value of a level in dB on this front end's scale (20 log10 - 20,
     where digital silence is at -100 dB and becomes -4)."""
-    normed = (2 * MAX_ABS) * ((db - MIN_LEVEL_DB) / -MIN_LEVEL_DB) - MAX_ABS
-    return float(np.clip(normed, -MAX_ABS, MAX_ABS))
+    return float(_normalize(np.asarray(db)))
 
 
 def prepare() -> None:
@@ -77,8 +81,7 @@ def _frames_to_mel(frames: np.ndarray) -> np.ndarray:
     magnitude = np.abs(np.fft.rfft(frames * _window(), axis=1)).T  # (401, T)
     mel = _mel_basis() @ magnitude.astype(np.float32)
     db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
-    normed = (2 * MAX_ABS) * ((db - MIN_LEVEL_DB) / -MIN_LEVEL_DB) - MAX_ABS
-    return np.clip(normed, -MAX_ABS, MAX_ABS).astype(np.float32)
+    return _normalize(db).astype(np.float32)
 
 
 def _preemphasis(wav: np.ndarray, previous: float = 0.0) -> np.ndarray:
