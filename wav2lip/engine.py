@@ -137,7 +137,8 @@ class Engine:
         int8 = backend.endswith("int8")
         # Built in fp32, then cast: its folded weights are rounded once.
         folded = fold_batchnorm(model).float()
-        generator = StillGenerator(folded, first_row, fold_residuals=not int8)
+        # For int8, no folded residuals and no transposed convolutions (`still`, 3 and 4).
+        generator = StillGenerator(folded, first_row, fold_residuals=not int8, plain_joins=int8)
         self.generator = generator.to(self.device, self.dtype).eval()
         self.first_exact_row = self.generator.first_exact_row
         self._onnx = (

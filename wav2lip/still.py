@@ -1,6 +1,6 @@
 """The generator rebuilt for a still photo: per frame, only what the audio changes.
 
-Three exact rewrites of the official decoder (BatchNorm already folded into the convolutions):
+Four exact rewrites of the official decoder (BatchNorm already folded into the convolutions):
 
 1. Photo terms. Each decoder stage convolves the concatenation of the previous stage's output
    and the face encoder's skip features. A convolution is linear, so it splits into a part on
@@ -18,6 +18,12 @@ Three exact rewrites of the official decoder (BatchNorm already folded into the 
    centre tap has the identity added; ONNX Runtime then fuses each block into one kernel and
    keeps the features in its blocked layout from one block to the next. (Not for int8: a
    centre tap near 1 would take the whole range of its channel's quantized weights.)
+4. Joins without transposed convolutions (for int8). ONNX Runtime has no int8 transposed
+   convolution: it ran them in fp32, dequantizing their weights every frame, and they took
+   most of an int8 frame's time. A transposed convolution is plain ones in disguise: from the
+   1x1 embedding, a 1x1 convolution to each output pixel's channels; with stride 2, four
+   convolutions, one per phase of the output (even or odd row, even or odd column),
+   interleaved. (In fp32, ONNX Runtime's transposed kernel is faster, so there it stays.)
 
 Only the rounding changes (the order of the additions, and the centre taps' added 1), so the
 pixels match the plain forward to within the last bits of fp32 (the tests compare them).
@@ -55,6 +61,37 @@ def _conv(block: nn.Module) -> nn.Conv2d | nn.ConvTranspose2d:
     return conv
 
 
+_EVEN, _ODD = [1], [2, 0]  # the taps of a stride-2 transposed 3x3 kernel, per output parity
+# Each phase's kernel reaches one input row (column) further when the rows (columns) are odd:
+# padded below (to the right) with the zero past the edge that the output padding stood for.
+_PHASE_PADS = ((0, 0, 0, 0), (0, 1, 0, 0), (0, 0, 0, 1), (0, 1, 0, 1))
+
+
+def _phase_kernels(weight: torch.Tensor) -> list[torch.Tensor]:
+    """A transposed 3x3 convolution with stride 2, padding 1 and output padding 1, as four
+    plain kernels, one per output phase (row parity, then column parity). Output row 2m takes
+    tap 1 of input row m; row 2m + 1, tap 2 of row m and tap 0 of row m + 1; so for columns.
+    `weight` is (in, out, 3, 3); the kernels, (out, in, kh, kw), are 1x1, 1x2, 2x1 and 2x2."""
+    conv = weight.transpose(0, 1)
+    return [
+        conv[:, :, rows][:, :, :, cols].contiguous()
+        for rows in (_EVEN, _ODD)
+        for cols in (_EVEN, _ODD)
+    ]
+
+
+def _phases(x: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
+    """The four phases' convolutions, interleaved into rows and columns twice as many."""
+    outs = [
+        F.conv2d(F.pad(x, pad, value=0.0) if any(pad) else x, kernel)
+        for kernel, pad in zip(kernels, _PHASE_PADS)
+    ]
+    batch, channels, height, width = outs[0].shape
+    # Channel c * 4 + phase, which pixel_shuffle places at (2 * row + row parity, ...).
+    stacked = torch.stack(outs, 2).reshape(batch, channels * 4, height, width)
+    return F.pixel_shuffle(stacked, 2)
+
+
 class _Join(nn.Module):
     """A stage's first layer, on the concatenation of the running features and the skip
     features, split in two: the running part runs per frame, the skip part once per photo."""
@@ -62,10 +99,16 @@ class _Join(nn.Module):
     running_weight: torch.Tensor
     skip_weight: torch.Tensor
     bias: torch.Tensor | None
+    embedding: torch.Tensor  # with the "embedding" rewrite
 
     def __init__(
-        self, layer: nn.Conv2d | nn.ConvTranspose2d, skip_channels: int, cut: bool
+        self,
+        layer: nn.Conv2d | nn.ConvTranspose2d,
+        skip_channels: int,
+        cut: bool,
+        plain: bool = False,
     ) -> None:
+        """`plain`: the running part's transposed convolution as plain ones (rewrite 4)."""
         super().__init__()
         self.transposed = isinstance(layer, nn.ConvTranspose2d)
         # A transposed convolution is exact at a cut as it is; a 3x3 one loses a row there.
@@ -85,6 +128,33 @@ class _Join(nn.Module):
         self.register_buffer("skip_weight", parts[1].contiguous())
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.rewrite = ""  # how the running part runs: as it is, "embedding" or "phases"
+        if plain and self.transposed:
+            self._rewrite(shape)
+
+    def _rewrite(self, shape: tuple[object, ...]) -> None:
+        weight = self.running_weight  # (in, out, 3, 3)
+        if shape == ((3, 3), (1, 1), (0, 0)):
+            # From a 1x1 input, output pixel (y, x) of channel c is a 1x1 convolution's
+            # channel c * 9 + y * 3 + x.
+            kernel = weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0], 1, 1)
+            self.register_buffer("embedding", kernel.contiguous())
+            self.rewrite = "embedding"
+        elif shape == ((3, 3), (2, 2), (1, 1)) and self.output_padding == (1, 1):
+            for index, kernel in enumerate(_phase_kernels(weight)):
+                self.register_buffer(f"phase{index}", kernel)
+            self.rewrite = "phases"
+        else:
+            raise ValueError(f"no plain form for a transposed convolution {shape}")
+
+    def _running(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rewrite == "embedding":
+            # Only the 1x1 embedding stage is built this way (`StillGenerator`).
+            channels = self.running_weight.shape[1]
+            return F.conv2d(x, self.embedding).reshape(x.shape[0], channels, 3, 3)
+        if self.rewrite == "phases":
+            return _phases(x, [getattr(self, f"phase{index}") for index in range(4)])
+        return self._layer(x, self.running_weight, None, self.cut)
 
     def _layer(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cut: bool
@@ -100,7 +170,7 @@ class _Join(nn.Module):
         return self._layer(skip, self.skip_weight, self.bias, cut=False)
 
     def forward(self, x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        return self._layer(x, self.running_weight, None, self.cut) + term
+        return self._running(x) + term
 
 
 class _Residual(nn.Module):
@@ -143,12 +213,19 @@ class StillGenerator(nn.Module):
 
     `model` must have its BatchNorm folded (`engine.fold_batchnorm`); this module runs its
     layers, with each join's weights split in two and, with `fold_residuals`, the residuals
-    folded in (build it in fp32, then cast it: the folded centre taps are rounded once).
+    folded in (build it in fp32, then cast it: the folded centre taps are rounded once) and,
+    with `plain_joins`, the joins' transposed convolutions run as plain ones.
     `first_row`: the first row of the 96x96 face that is shown; rows from `first_exact_row`
     (at most `first_row`) are returned; 0 computes them all.
     """
 
-    def __init__(self, model: Wav2Lip, first_row: int = 0, fold_residuals: bool = True) -> None:
+    def __init__(
+        self,
+        model: Wav2Lip,
+        first_row: int = 0,
+        fold_residuals: bool = True,
+        plain_joins: bool = False,
+    ) -> None:
         super().__init__()
         self.face_encoder = model.face_encoder_blocks  # its encoders run as they are
         self.audio_encoder = model.audio_encoder
@@ -185,7 +262,7 @@ class StillGenerator(nn.Module):
             cut = need > 0
             *_, last = model.face_encoder_blocks[7 - stage].children()
             skip = _conv(last).out_channels
-            self.joins.append(_Join(layer, skip, cut))
+            self.joins.append(_Join(layer, skip, cut, plain_joins))
             self.rests.append(
                 nn.Sequential(
                     *(
