@@ -115,6 +115,7 @@ def _quantize(graph: bytes, generator: StillGenerator) -> bytes:
         QuantType,
         quantize_static,
     )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -124,8 +125,12 @@ def _quantize(graph: bytes, generator: StillGenerator) -> bytes:
             return next(self._samples, None)
 
     with tempfile.TemporaryDirectory() as folder:
-        source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
-        source.write_bytes(graph)
+        exported, source = Path(folder) / "exported.onnx", Path(folder) / "fp32.onnx"
+        target = Path(folder) / "int8.onnx"
+        exported.write_bytes(graph)
+        # Constants folded first, the zero padding of the cut convolutions into the
+        # convolutions among them: otherwise each Pad runs on dequantized fp32 features.
+        quant_pre_process(str(exported), str(source), skip_symbolic_shape=True)
         quantize_static(
             str(source),
             str(target),
