@@ -56,7 +56,9 @@ async def test_pushed_audio_plays_at_real_time_in_sync_with_playback_events(
     audio_times, sound = loud(pusher.received, pushing.arrivals)
     first_sound, last_sound = audio_times[sound][0], audio_times[sound][-1]
     lead, tail = sounding(speech, RATE)
-    assert abs((last_sound - first_sound) - (tail - lead)) < 0.1  # real time, not 8x
+    # Real time, not 8x (which would be 3 s short). Timed by the packets' arrival, which a
+    # loaded machine delays by tens of ms now and then (once 107 ms, in the full suite).
+    assert abs((last_sound - first_sound) - (tail - lead)) < 0.15
     times, distance = moved(pusher.received)
     speaking = (times > first_sound) & (times < last_sound)
     resting = times < first_sound - 0.3
