@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 RENDER_BUDGET = {"animator": 0.06, "wav2lip-gpu": 0.02, "wav2lip": 0.07}
 CPU_BATCH = 1
 # int8 gains more from a second frame in the batch (16.9 ms a frame alone, 13.8 in pairs, on the
-# 2-core CPU; fp32: 26.6 and 24.1). Since its graph lost its fp32 transposed convolutions, less:
-# 14.5 and 13.5 on one core. Batches of up to four did no better in two-session runs before
-# that (docs/benchmarks.md); not measured in sessions since.
+# 2-core CPU; fp32: 26.6 and 24.1). Since its graph lost its fp32 transposed convolutions, on
+# one core, 12.6 and 14.4 alone against 12.5 to 18.7 in pairs, within the machine's noise
+# (bench/results/int8-plain-joins-2026-12-02.md). Batches of up to four did no better in
+# two-session runs before that (docs/benchmarks.md); not measured in sessions since.
 INT8_BATCH = 2
 GPU_BATCH = 16
 
